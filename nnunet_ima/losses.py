@@ -1,0 +1,88 @@
+"""Attack losses (per sample) and the IMA training losses.
+
+An attack loss is any callable ``loss(output, y) -> Tensor`` returning per-sample losses (B,) (a
+scalar is accepted too, e.g. nnU-Net's batch-averaged Dice+CE: its gradient has the same direction
+per sample up to scale, which the normalised step h(g) removes). ``output`` is what the model
+returns: logits (B, C, ...) or, for nnU-Net with deep supervision, a list whose first element is the
+full-resolution logits.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[object, object], torch.Tensor]
+
+
+def first(output):
+    """Full-resolution output: the tensor itself, or element 0 of a deep-supervision list."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def class_target(y, logits: torch.Tensor) -> torch.Tensor:
+    """Integer class map matching ``logits`` (B, C, *S): accepts (B, *S), (B, 1, *S) or a list."""
+    y = first(y)
+    if y.dim() == logits.dim():  # (B, 1, *S) as nnU-Net stores targets
+        y = y[:, 0]
+    return y.long()
+
+
+def cross_entropy(output, y) -> torch.Tensor:
+    """Per-sample cross-entropy, averaged over pixels/voxels for segmentation outputs."""
+    logits = first(output)
+    t = class_target(y, logits)
+    ce = F.cross_entropy(logits, t, reduction="none")
+    return ce.flatten(1).mean(1) if ce.dim() > 1 else ce
+
+
+def logit_margin(output, y) -> torch.Tensor:
+    """Per-sample logit-margin loss max_{j != y} z_j - z_y (Carlini-Wagner style, un-clamped).
+
+    Positive exactly when the sample (pixel) is misclassified; averaged over pixels for segmentation.
+    """
+    logits = first(output)
+    t = class_target(y, logits).unsqueeze(1)
+    z_y = logits.gather(1, t)
+    other = logits.scatter(1, t, float("-inf")).amax(1, keepdim=True)
+    m = (other - z_y).squeeze(1)
+    return m.flatten(1).mean(1) if m.dim() > 1 else m
+
+
+LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "margin": logit_margin}
+
+
+def get_loss(loss: str | LossFn) -> LossFn:
+    """Resolve an attack loss: "ce", "margin", or any callable ``loss(output, y)``."""
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss: unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable loss(output, y)")
+    return LOSSES[loss]
+
+
+def ima_loss(loss_clean: torch.Tensor, loss_noisy: torch.Tensor, clean_correct: torch.Tensor | None = None) -> torch.Tensor:
+    """IMA loss of the later paper's Algorithm 1: mean over the batch of (L0 + L1) / 2.
+
+    ``loss_clean`` and ``loss_noisy`` are per-sample losses (B,) (scalars are accepted for losses
+    that are only defined per batch). Where ``clean_correct`` is False the noisy loss is replaced by
+    the clean one (Algorithm 1, line 9: L1 <- L0), so those samples count with their clean loss only.
+    """
+    if clean_correct is not None and loss_noisy.dim() > 0:
+        loss_noisy = torch.where(clean_correct, loss_noisy, loss_clean)
+    return ((loss_clean + loss_noisy) / 2).mean()
+
+
+def ima_beta_loss(loss_clean: torch.Tensor, loss_noisy: torch.Tensor, clean_correct: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Earlier paper's Algorithm 1 loss: ((1 - beta) * (L0 + L1) + beta * L2) / B.
+
+    L0 = summed clean loss of the wrongly classified samples, L1 = summed clean loss of the correct
+    ones, L2 = summed loss of the noisy samples (generated for the correct ones only).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    b = loss_clean.shape[0]
+    l01 = loss_clean.sum()
+    l2 = loss_noisy[clean_correct].sum()
+    return ((1 - beta) * l01 + beta * l2) / b
