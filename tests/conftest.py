@@ -1,0 +1,49 @@
+"""Shared fixtures. ``nnunet_tiny``: a generated nnU-Net dataset, planned and preprocessed once per
+test session with the real ``nnUNetv2_plan_and_preprocess`` (2d and 3d_fullres)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_ID = 999
+TINY_NAME = "Tiny"
+TINY_LABELS = {"background": 0, "outer": 1, "core": 2}
+
+
+class NnunetTiny:
+    """Paths and environment of the tiny dataset. ``env`` holds the nnUNet_* variables."""
+
+    def __init__(self, root: Path, env: dict):
+        self.root = root
+        self.env = env
+        self.dataset_id = TINY_ID
+        self.dataset_name = f"Dataset{TINY_ID:03d}_{TINY_NAME}"
+        self.raw = Path(env["nnUNet_raw"]) / self.dataset_name
+        self.preprocessed = Path(env["nnUNet_preprocessed"]) / self.dataset_name
+        self.results = Path(env["nnUNet_results"])
+
+
+@pytest.fixture(scope="session")
+def nnunet_tiny(tmp_path_factory) -> NnunetTiny:
+    from nnunet_ima.nnunet_data import nnunet_env, plan_and_preprocess, synthetic_shapes, write_raw_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = nnunet_env(root)
+    env["nnUNet_n_proc_DA"] = "0"  # single-threaded data loading: deterministic and light on 2 cores
+    env["nnUNet_compile"] = "false"
+    cases = synthetic_shapes(8, shape=(8, 32, 32), seed=0)
+    train = dict(list(cases.items())[:6])
+    test = dict(list(cases.items())[6:])
+    write_raw_dataset(env["nnUNet_raw"], TINY_ID, TINY_NAME, train, TINY_LABELS, test=test)
+    plan_and_preprocess(TINY_ID, ("2d", "3d_fullres"), env=env)
+    return NnunetTiny(root, env)
+
+
+@pytest.fixture
+def nnunet_environ(nnunet_tiny, monkeypatch):
+    """Put the tiny dataset's nnUNet_* variables into os.environ for in-process nnU-Net calls."""
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile"):
+        monkeypatch.setenv(k, nnunet_tiny.env[k])
+    return nnunet_tiny
