@@ -80,7 +80,8 @@ class MarginStore:
 
     def get(self, ids: Sequence, device=None) -> torch.Tensor:
         """Margins of ``ids`` as a (B,) float32 tensor (unseen ids are registered at delta)."""
-        return self._margins[self._rows(ids)].to(device=device, dtype=torch.float32)
+        rows = self._rows(ids)  # first: registering new ids replaces self._margins
+        return self._margins[rows].to(device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ update
     def update(self, ids: Sequence, clean_correct, noisy_correct, distance, valid=None) -> torch.Tensor:
