@@ -78,13 +78,13 @@ def bpgd(model, x, y, eps, *, norm: str | Norm = "l2", steps: int = 20, search_s
     idx = torch.nonzero(valid).flatten()
     if idx.numel():
         run = _boundary if variant == "boundary" else _augment
-        with attack_mode(model, model_mode):
+        with attack_mode(model, model_mode):  # the binary search too: its forwards are attack forwards
             lo, hi, hit, rest, rest_x = run(model, x, y, eps_t, alpha, idx, norm, loss_fn, is_correct, steps, clip,
                                             random_start, generator)
-        x_adv[rest] = rest_x
-        if hit.numel():
-            x_adv[hit] = binary_search(model, lo, hi, batch_index(y, hit), is_correct, search_steps)
-            crossed[hit] = True
+            x_adv[rest] = rest_x
+            if hit.numel():
+                x_adv[hit] = binary_search(model, lo, hi, batch_index(y, hit), is_correct, search_steps)
+                crossed[hit] = True
     return BPGDResult(x_adv, crossed, norm.measure(x_adv - x), valid)
 
 
