@@ -9,6 +9,16 @@ from nnunet_ima import IFGSM, PGD, NonFiniteInputWarning, ifgsm, pgd
 from nnunet_ima.attacks import resolve_step_size
 from nnunet_ima.losses import cross_entropy
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 NORMS = ("l2", "linf")
 ORD = {"l2": 2, "linf": float("inf")}
 

@@ -17,6 +17,16 @@ import torch
 
 from nnunet_ima import BPGDResult, MarginStore, NonFiniteInputWarning, bpgd
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 NORMS = ("l2", "linf")
 VARIANTS = ("boundary", "augment")
 FLOAT_SLACK = 1e-9  # float64 round-off only; the real bound is computed from the bracket length

@@ -8,6 +8,15 @@ import torch.nn.functional as F
 from nnunet_ima import DicePredicate, argmax_correct, bpgd, per_sample_dice, pgd
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def logits_of(pred: torch.Tensor, c: int = 3) -> torch.Tensor:
     """Logits (B, C, H, W) whose argmax is the label map ``pred`` (B, H, W)."""
     return 10.0 * F.one_hot(pred, c).permute(0, 3, 1, 2).float()
