@@ -1,0 +1,74 @@
+"""The shared seam of every training method: ``loss(model, x, y, ids) -> StepOutput``.
+
+The trainer owns the optimisation step (zero_grad, backward, gradient all-reduce, optimiser step);
+a method only says how to build its loss from a batch, and keeps its own state (IMA's margins).
+Hyperparameters live in :class:`MethodConfig`, one field each, validated once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class MethodConfig:
+    eps: float = 0.3                # training bound: IMA eps_max, SAT/TRADES/FAT/rand eps, MMA d_max
+    norm: str = "l2"                # "l2" | "linf"
+    steps: int = 20                 # K: PGD iterations of every method's inner attack (papers: 20)
+    search_steps: int = 10          # N: binary-search steps (IMA, MMA)
+    delta: float = 0.01             # IMA margin expansion step
+    clip: tuple | None = None       # valid input range, e.g. (0, 1); None = unbounded
+    augment: bool = False           # data augmentation on -> IMA uses Algorithm 3
+    ima_loss: str = "mean"          # "mean": later paper (L0+L1)/2; "beta": earlier paper's beta loss
+    ima_beta: float = 0.5           # beta of the earlier paper's loss
+    ima_rule: str = "later"         # margin update: "later" (shrink by averaging) | "earlier" (reinit/replace)
+    trades_beta: float = 6.0        # TRADES regularisation weight (Zhang et al. 2019 default)
+    fat_tau: int | None = None      # FAT early-stop tau; None = FAT's dynamic schedule (0 -> 1 -> 2)
+    mma_clean_weight: float = 1 / 3  # MMA: weight of the clean CE term (Ding et al.: 1/3 clean, 2/3 MMA)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor              # scalar to back-propagate
+    logits: torch.Tensor            # clean logits (B, C), for training accuracy
+    x_adv: torch.Tensor | None = None  # the training perturbation the loss used (None for STD)
+    info: dict = field(default_factory=dict)
+
+
+def ce(logits, y):
+    """Per-sample cross-entropy (B,)."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and implement :meth:`loss`."""
+
+    name = ""
+    uses_margins = False
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    def loss(self, model, x, y, ids) -> StepOutput:
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before each epoch (FAT's tau schedule, counters)."""
+
+    def end_epoch(self) -> None:
+        """Called after each epoch on every rank (IMA merges its margins here)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def summary(self) -> str:
+        return ""
+
+    def __repr__(self):
+        return f"{type(self).__name__}(eps={self.cfg.eps}, norm={self.cfg.norm!r})"
