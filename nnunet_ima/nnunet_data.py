@@ -93,6 +93,9 @@ def nnunet_command(name: str) -> list[str]:
 def plan_and_preprocess(dataset_id: int, configurations=("2d",), env: dict | None = None, num_processes: int = 1,
                         log=None) -> None:
     """Run the real ``nnUNetv2_plan_and_preprocess`` for ``configurations`` (raises on failure)."""
+    if env is not None and env.get("nnUNet_n_proc_DA") == "0":
+        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA), which rejects 0
+        env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}
     cmd = nnunet_command("nnUNetv2_plan_and_preprocess") + [
         "-d", str(dataset_id), "-c", *configurations, "-np", str(num_processes), "--verify_dataset_integrity"]
     run = subprocess.run(cmd, env=env, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
