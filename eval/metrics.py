@@ -1,0 +1,135 @@
+"""Segmentation figures of the papers from per-sample TP / FP / FN counts.
+
+Every figure is computed from one table of counts ``tp, fp, fn`` of shape (N, K): N samples
+(2d: slices; 3d: patch tiles), K foreground classes (labels 1..K). Counting itself is the kernel's
+:func:`nnunet_ima.predicates.tp_fp_fn` (padding and nnU-Net's ignore label masked out).
+
+* ``adi``   - Average Dice Index, later paper eq. 14 / earlier paper eq. 10: the mean over samples
+  of the per-sample Dice. Per class: the sample's Dice of that class. Over classes ("mean"): the
+  sample's Dice averaged over its foreground classes (exactly :func:`nnunet_ima.predicates.per_sample_dice`,
+  the predicate IMA trains with), then averaged over samples.
+* ``tvdi``  - Total Voxel Dice Index, earlier paper eq. 9: 2 sum TP / (2 sum TP + sum FP + sum FN),
+  counts pooled over all samples, per class. Over classes: the mean of the per-class TVDIs, as in
+  nnU-Net's online evaluation (the "pseudo Dice" the earlier paper says TVDI is).
+* ``dice3d`` - the clinical per-case Dice: counts summed over the samples of one case (slices or
+  tiles partition the volume, so this *is* the Dice of the stacked 3D prediction), the case's Dice
+  per class / averaged over classes, then the mean over cases.
+
+Empty-foreground rule (the project's one rule, :mod:`nnunet_ima.predicates`): a class that is absent
+from both the ground truth and the prediction of a sample (or case, or pooled set) is *undefined*
+there and is left out of any mean over classes; ground truth empty but prediction not gives 0
+(false positives on a blank slice are an error); a sample whose classes are all undefined (a blank
+slice predicted blank) counts as Dice 1 (nothing to find, nothing invented). For a per-class figure
+the same rule applies to that one class: an undefined sample counts 1. Why count such samples at
+all: removing them would reward a model for hallucinating structures on blank slices less than for
+missing real ones, and the count of blank samples is reported (``n_empty``) so readers can judge how
+much of an ADI comes from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nnunet_ima.predicates import dice_from_counts
+
+MEAN = "mean"  # the class name under which figures averaged over foreground classes are stored
+
+
+def _dice(tp, fp, fn) -> np.ndarray:
+    """Dice per entry, NaN where undefined (the kernel's :func:`dice_from_counts`)."""
+    t = dice_from_counts(torch.as_tensor(np.asarray(tp)), torch.as_tensor(np.asarray(fp)),
+                         torch.as_tensor(np.asarray(fn)))
+    return t.numpy()
+
+
+def _over_classes(d: np.ndarray) -> np.ndarray:
+    """Mean over the last axis of the defined entries; 1 where every entry is undefined."""
+    defined = ~np.isnan(d)
+    s = np.where(defined, d, 0.0).sum(-1)
+    n = defined.sum(-1)
+    return np.where(n > 0, s / np.maximum(n, 1), 1.0)
+
+
+def _undefined_is_one(d: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(d), 1.0, d)
+
+
+@dataclass
+class Counts:
+    """Per-sample TP / FP / FN (N, K) of the K foreground classes, with each sample's case id."""
+
+    tp: np.ndarray
+    fp: np.ndarray
+    fn: np.ndarray
+    cases: list = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_fg: int) -> "Counts":
+        z = np.zeros((0, num_fg), np.int64)
+        return cls(z, z.copy(), z.copy(), [])
+
+    def add(self, tp, fp, fn, cases) -> None:
+        self.tp = np.concatenate([self.tp, np.asarray(tp, np.int64)])
+        self.fp = np.concatenate([self.fp, np.asarray(fp, np.int64)])
+        self.fn = np.concatenate([self.fn, np.asarray(fn, np.int64)])
+        self.cases.extend(cases)
+
+    @property
+    def n(self) -> int:
+        return self.tp.shape[0]
+
+    def per_case(self) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
+        """Counts summed per case (order of first appearance): (case ids, tp, fp, fn)."""
+        ids = list(dict.fromkeys(self.cases))
+        index = {c: i for i, c in enumerate(ids)}
+        rows = np.array([index[c] for c in self.cases], np.int64)
+        out = []
+        for a in (self.tp, self.fp, self.fn):
+            s = np.zeros((len(ids), a.shape[1]), np.int64)
+            np.add.at(s, rows, a)
+            out.append(s)
+        return ids, *out
+
+
+def sample_dice(c: Counts) -> np.ndarray:
+    """Per-sample Dice over foreground classes (N,), with the empty-foreground rule."""
+    return _over_classes(_dice(c.tp, c.fp, c.fn))
+
+
+def adi(c: Counts) -> dict:
+    """Average Dice Index per class (index k -> label k+1) and over classes (key ``MEAN``)."""
+    d = _dice(c.tp, c.fp, c.fn)
+    out = {k + 1: float(_undefined_is_one(d[:, k]).mean()) if c.n else float("nan") for k in range(d.shape[1])}
+    out[MEAN] = float(_over_classes(d).mean()) if c.n else float("nan")
+    return out
+
+
+def tvdi(c: Counts) -> dict:
+    """Total Voxel Dice Index per class (pooled counts) and the mean over classes."""
+    d = _dice(c.tp.sum(0), c.fp.sum(0), c.fn.sum(0))
+    out = {k + 1: float(_undefined_is_one(d[k:k + 1])[0]) for k in range(d.shape[0])}
+    out[MEAN] = float(_over_classes(d))
+    return out
+
+
+def dice3d(c: Counts) -> tuple[dict, dict]:
+    """Per-case 3D Dice averaged over cases, per class and over classes; also each case's figure."""
+    ids, tp, fp, fn = c.per_case()
+    d = _dice(tp, fp, fn)
+    per_case = {cid: float(v) for cid, v in zip(ids, _over_classes(d))}
+    out = {k + 1: float(_undefined_is_one(d[:, k]).mean()) if ids else float("nan") for k in range(d.shape[1])}
+    out[MEAN] = float(np.mean(list(per_case.values()))) if ids else float("nan")
+    return out, per_case
+
+
+def summarize(c: Counts) -> dict:
+    """All figures: {"adi": {cls: v}, "tvdi": {...}, "dice3d": {...}, "dice3d_per_case": {case: v},
+    "n_samples": N, "n_empty": {cls: samples with that class absent from the ground truth}}."""
+    d3, per_case = dice3d(c)
+    gt_empty = (c.tp + c.fn) == 0
+    n_empty = {k + 1: int(gt_empty[:, k].sum()) for k in range(c.tp.shape[1])}
+    n_empty[MEAN] = int(gt_empty.all(1).sum())
+    return {"adi": adi(c), "tvdi": tvdi(c), "dice3d": d3, "dice3d_per_case": per_case,
+            "n_samples": c.n, "n_empty": n_empty}
