@@ -1,0 +1,225 @@
+"""Load a trained nnU-Net model through nnU-Net's own predictor, and build its attack loss.
+
+The model folder is nnU-Net's: ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>/fold_F/<checkpoint>``.
+The network is taken from :class:`nnUNetPredictor` (its prediction methods run under
+``torch.inference_mode`` and cannot give gradients) and called directly, in eval mode.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import EvalError
+
+
+def ensure_trainer_search_path() -> str | None:
+    """Add ``nnunet_ima_trainers/ext`` to ``nnUNet_extTrainer`` (kept, not replaced) when that package
+    is installed, so checkpoints of nnUNetTrainerIMA / SAT find their trainer class. Returns the folder."""
+    try:
+        spec = importlib.util.find_spec("nnunet_ima_trainers")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "ext")
+    if not os.path.isdir(folder):
+        return None
+    parts = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if folder not in parts:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join(parts + [folder])
+    return folder
+
+
+def dataset_name(dataset: str) -> str:
+    """nnU-Net's dataset name (DatasetXXX_Name) for an id or a name; EvalError if unknown."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        if not os.environ.get(var):
+            raise EvalError(f"{var} is not set: export the nnU-Net path variables (see nnU-Net's setting_up_paths.md)")
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        raise EvalError(f"unknown dataset {dataset!r}: not found in nnUNet_raw, nnUNet_preprocessed or "
+                        f"nnUNet_results ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class LoadedModel:
+    """A trained model ready for attacks. ``label`` names it in tables (the trainer name)."""
+
+    label: str
+    trainer: str
+    plans: str
+    configuration: str
+    fold: str
+    checkpoint: str
+    folder: Path
+    predictor: object  # nnUNetPredictor
+    device: torch.device
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.predictor.network
+
+    @property
+    def configuration_manager(self):
+        return self.predictor.configuration_manager
+
+    @property
+    def plans_manager(self):
+        return self.predictor.plans_manager
+
+    @property
+    def label_manager(self):
+        return self.predictor.label_manager
+
+    @property
+    def dataset_json(self) -> dict:
+        return self.predictor.dataset_json
+
+    @property
+    def num_classes(self) -> int:
+        """Network output channels = labels incl. background (the ignore label is not a head)."""
+        return self.label_manager.num_segmentation_heads
+
+    @property
+    def class_names(self) -> dict:
+        """{label value: name} of the foreground classes."""
+        names = {int(v): k for k, v in self.dataset_json["labels"].items() if not isinstance(v, (list, tuple))}
+        return {c: names.get(c, str(c)) for c in range(1, self.num_classes)}
+
+    @property
+    def patch_size(self) -> tuple:
+        return tuple(int(p) for p in self.configuration_manager.patch_size)
+
+    @property
+    def pool_factor(self) -> tuple:
+        """Product of the pooling strides per spatial axis: input sizes must be multiples of it."""
+        k = np.array(self.configuration_manager.pool_op_kernel_sizes, dtype=np.int64)
+        return tuple(int(v) for v in k.prod(0))
+
+    @property
+    def settings_key(self) -> dict:
+        return {"trainer": self.trainer, "plans": self.plans, "configuration": self.configuration,
+                "fold": self.fold, "checkpoint": self.checkpoint}
+
+
+def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
+
+
+def locate(dataset: str, configuration: str, fold: str, trainer: str, plans: str = "nnUNetPlans",
+           checkpoint: str = "checkpoint_final.pth") -> Path:
+    """The checkpoint file of a trained model; EvalError naming what is missing (checked for every
+    model before any attack runs)."""
+    name = dataset_name(dataset)
+    folder = model_folder(name, trainer, plans, configuration)
+    if not folder.is_dir():
+        parent = folder.parent
+        have = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        raise EvalError(f"unknown trainer {trainer!r} (plans {plans!r}, configuration {configuration!r}) for {name}: "
+                        f"no folder {folder}" + (f"; trained models there: {', '.join(have)}" if have else
+                                                 f"; nothing trained for {name} in nnUNet_results"))
+    fold_dir = folder / f"fold_{fold}"
+    if not fold_dir.is_dir():
+        have = sorted(p.name for p in folder.iterdir() if p.name.startswith("fold_"))
+        raise EvalError(f"unknown fold {fold!r} for {folder.name}: no {fold_dir.name}"
+                        + (f" (available: {', '.join(have)})" if have else ""))
+    ckpt = fold_dir / checkpoint
+    if not ckpt.is_file():
+        have = sorted(p.name for p in fold_dir.glob("*.pth"))
+        raise EvalError(f"missing checkpoint {ckpt}" + (f" (found: {', '.join(have)}; choose one with -chk)" if have
+                                                       else " (training not finished?)"))
+    return ckpt
+
+
+def load_model(dataset: str, configuration: str, fold: str, trainer: str, plans: str = "nnUNetPlans",
+               checkpoint: str = "checkpoint_final.pth", device: str = "cpu") -> LoadedModel:
+    """Load ``trainer``'s model through ``nnUNetPredictor.initialize_from_trained_model_folder``.
+
+    Raises :class:`EvalError` with one clear sentence for an unknown dataset / trainer / fold, a
+    missing checkpoint, a trainer class nnU-Net cannot find, or a configuration this tool cannot attack.
+    """
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    ensure_trainer_search_path()
+    ckpt = locate(dataset, configuration, fold, trainer, plans, checkpoint)
+    folder = ckpt.parent.parent
+    dev = torch.device(device)
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=dev,
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    try:
+        predictor.initialize_from_trained_model_folder(str(folder), (fold if fold == "all" else int(fold),), checkpoint)
+    except RuntimeError as e:
+        if "Could not find requested nnunet trainer" in str(e):
+            raise EvalError(f"nnU-Net cannot find the trainer class of {ckpt} (searched nnunetv2 and "
+                            f"nnUNet_extTrainer={os.environ.get('nnUNet_extTrainer', '')!r}): install the package "
+                            f"that defines it or add its folder to nnUNet_extTrainer") from None
+        raise
+    lm = predictor.label_manager
+    if lm.has_regions:
+        raise EvalError(f"{folder.name} is region-based (dataset.json 'regions_class_order'): not supported; "
+                        f"this tool evaluates label-based models")
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise EvalError(f"{configuration!r} is a cascade stage (needs the previous stage's segmentation): not supported")
+    net = predictor.network
+    net = getattr(net, "_orig_mod", net)  # attack the plain module, never a torch.compile wrapper
+    predictor.network = net.to(dev).eval()
+    return LoadedModel(label=trainer, trainer=trainer, plans=plans, configuration=configuration, fold=str(fold),
+                       checkpoint=checkpoint, folder=folder, predictor=predictor, device=dev)
+
+
+class PerSampleLoss(torch.nn.Module):
+    """The trainer's loss evaluated on each sample separately: returns (B,).
+
+    ``dicece`` is nnU-Net's ``DC_and_CE_loss`` built exactly as ``nnUNetTrainer._build_loss`` builds
+    it (soft Dice without background, smooth 1e-5, the plans' ``batch_dice``, CE weight 1, Dice
+    weight 1, the ignore label) but without the deep-supervision wrapper (the network runs without
+    deep supervision at inference). It is applied to one sample at a time, so a sample's attack
+    does not depend on the others in its batch (with one sample ``batch_dice`` makes no difference).
+    ``ce`` is plain per-pixel cross-entropy averaged per sample.
+
+    ``valid`` (B, ndim) are the sizes of each sample's real region (padding at the end of every
+    axis is cut away before the loss, so padding never drives the attack).
+    """
+
+    def __init__(self, kind: str, batch_dice: bool, ignore_label: int | None):
+        super().__init__()
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+        if kind not in ("dicece", "ce"):
+            raise EvalError(f"unknown loss {kind!r}: use dicece or ce")
+        self.kind = kind
+        self.ignore_label = ignore_label
+        self.loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                   weight_ce=1, weight_dice=1, ignore_label=ignore_label,
+                                   dice_class=MemoryEfficientSoftDiceLoss)
+        self.valid = None
+
+    def forward(self, output, y):
+        out = output[0] if isinstance(output, (list, tuple)) else output
+        losses = []
+        for i in range(out.shape[0]):
+            crop = (slice(i, i + 1), slice(None)) + tuple(slice(0, int(v)) for v in self.valid[i])
+            o, t = out[crop], y[crop]
+            if self.kind == "dicece":
+                losses.append(self.loss(o, t))
+            else:
+                t = t[:, 0].long()
+                ce = torch.nn.functional.cross_entropy(o, t, reduction="none",
+                                                       ignore_index=-100 if self.ignore_label is None else self.ignore_label)
+                losses.append(ce.mean())
+        return torch.stack(losses)
+
+
+def attack_loss(model: LoadedModel, kind: str = "dicece") -> PerSampleLoss:
+    return PerSampleLoss(kind, bool(model.configuration_manager.batch_dice), model.label_manager.ignore_label)
