@@ -172,3 +172,57 @@ def test_fat_dynamic_tau_schedule():
     from nnunet_ima.classify.methods.fat import dynamic_tau
 
     assert [dynamic_tau(e, 120) for e in (0, 49, 50, 89, 90, 119)] == [0, 0, 1, 1, 2, 2]
+
+
+def naive_ima(model, x, y, eps, K, N):
+    """Algorithm 1 + 2 written plainly: every sample attacked for all K steps, an extra forward per
+    iterate, the search on the whole batch. Returns (loss, noisy_correct, distance, correct)."""
+    norm = get_norm("l2")
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    correct = model(x).argmax(1) == y
+    cur, lo, hi = x.clone(), x.clone(), x.clone()
+    crossed = model(x).argmax(1) != y
+    for _ in range(K):
+        cur.requires_grad_(True)
+        (g,) = torch.autograd.grad(ce(model(cur), y).sum(), cur)
+        with torch.no_grad():
+            nxt = x + norm.project(cur + (4 * eps / K).view(shape) * norm.direction(g) - x, eps)
+            new = (model(nxt).argmax(1) != y) & ~crossed
+        lo[new], hi[new] = cur.detach()[new], nxt[new]
+        crossed |= new
+        cur = nxt.detach()
+    with torch.no_grad():
+        for _ in range(N):
+            mid = (lo + hi) / 2
+            ok = (model(mid).argmax(1) == y).view(shape)
+            lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    x_n = torch.where(correct.view(shape), torch.where(crossed.view(shape), (lo + hi) / 2, cur), x)
+    l0, l1 = ce(model(x), y), ce(model(x_n), y)
+    loss = ((l0 + torch.where(correct, l1, l0)) / 2).mean()
+    return loss, (model(x_n).argmax(1) == y) & correct, norm.measure(x_n - x), correct
+
+
+def test_ima_step_equals_naive_implementation():
+    """The efficient step (active set, reused forwards, search on crossed samples only) computes the
+    same loss and margins as the plain version, in float64 over several steps of training."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2)).double()
+    x = torch.randn(64, 2, dtype=torch.float64)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    cfg = MethodConfig(eps=1.0, norm="l2", steps=10, search_steps=8, delta=0.2)
+    m = build_method("ima", cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    from nnunet_ima import MarginStore
+
+    ref = MarginStore(cfg.delta, cfg.eps)
+    for _ in range(6):
+        ids = list(range(64))
+        out = m.loss(model, x, y, ids)
+        loss, noisy_ok, dist, correct = naive_ima(model, x, y, ref.get(ids).double(), cfg.steps, cfg.search_steps)
+        ref.update(ids, correct, noisy_ok, dist)
+        assert torch.allclose(out.loss, loss, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(m.store.margins, ref.margins, atol=1e-9)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert 0 < int((m.store.margins < 5 * cfg.delta).sum()) < 64  # some margins shrank, some grew

@@ -52,7 +52,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     h.add_argument("--delta", type=float, help="IMA margin expansion step")
     h.add_argument("--std-warmup-epochs", type=int, help="clean epochs before the method starts")
     h.add_argument("--resume", action="store_true", help="continue from <out>/<method>/checkpoint.pt")
-    h.add_argument("--init-from", default=None, help="start from these weights (e.g. a trained STD checkpoint)")
+    h.add_argument("--init-from", default=None, help="start from these weights (a checkpoint.pt, e.g. of STD); in 'run', 'std' means "
+                        "this run's STD model")
     m = p.add_argument_group("method options")
     m.add_argument("--steps", type=int, help="K, PGD steps of the training attacks (20)")
     m.add_argument("--search-steps", type=int, help="N, binary-search steps (10)")

@@ -57,6 +57,15 @@ class IndexedDataset(Dataset):
             x = self.transform(x)
         return x, self.y[i], i
 
+    def __getitems__(self, indices):
+        """A whole batch at once (DataLoader calls this instead of one __getitem__ per sample)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.x[idx]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+        if self.transform is not None:
+            x = torch.stack([self.transform(v) for v in x])
+        return x, self.y[idx], idx
+
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All samples as float tensors (no augmentation)."""
         x = self.x.float() / 255 if self.x.dtype == torch.uint8 else self.x.float()
@@ -86,6 +95,15 @@ class Splits:
 
 
 # ---------------------------------------------------------------------------- helpers
+def collate(batch):
+    """DataLoader collate: batches from ``__getitems__`` pass through, lists of items are stacked."""
+    if isinstance(batch, tuple):
+        return batch
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)
+
+
 def _missing(name: str, root, expected: str) -> DatasetMissingError:
     return DatasetMissingError(f"{name}: dataset files not found under {root!s}. Expected {expected}. "
                                f"Put the files there or pass --data-root DIR.")

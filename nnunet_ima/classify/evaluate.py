@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 
 from nnunet_ima import ifgsm, pgd
 
+from .datasets import collate
+
 ATTACKS = ("pgd", "ifgsm", "aa")
 LABELS = {"pgd": "P.", "ifgsm": "IF.", "aa": "AA."}
 
@@ -103,7 +105,7 @@ def evaluate(model, dataset, num_classes: int, cfg: EvalConfig, desc: str = "eva
         notes.append("AutoAttack skipped: torchattacks clamps inputs to [0, 1], this data is not in [0, 1]")
     counts = {a: {float(e): 0 for e in cfg.eps} for a in attacks}
     clean, n = 0, 0
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
     bar = tqdm(total=len(loader) * max(1, len(attacks) * len(cfg.eps)), desc=desc, leave=False,
                disable=not cfg.progress)
     torch.manual_seed(cfg.seed)

@@ -33,7 +33,7 @@ class RunConfig:
     limit_test: int | None = None
     eval_split: str = "test"                # "test" or "val"
     resume: bool = False
-    init_from: str | None = None
+    init_from: str | None = None            # weights for the non-STD methods; "std": this run's STD model
     progress: bool = True
     method_overrides: dict = field(default_factory=dict)  # MethodConfig fields (trades_beta, fat_tau, ...)
     eval_overrides: dict = field(default_factory=dict)    # EvalConfig fields (attacks, pgd_steps, ...)
@@ -86,7 +86,12 @@ def run_experiment(cfg: RunConfig) -> dict:
     trained: dict[str, TrainResult] = {}
     for spec in cfg.methods:
         label = parse_spec(spec)[2]
-        trained[label] = train(train_config(cfg, spec, out / label, splits.clip), splits)
+        tc = train_config(cfg, spec, out / label, splits.clip)
+        if tc.init_from == "std":  # start from the STD model trained earlier in this run
+            if "std" not in trained:
+                raise ValueError("--init-from std: put 'std' first in --methods")
+            tc = replace(tc, init_from=str(trained["std"].checkpoint))
+        trained[label] = train(tc, splits)
     results: dict = {}
     if ddp.is_main():
         p = cfg.preset

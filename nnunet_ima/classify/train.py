@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed as ddp
-from .datasets import Splits
+from .datasets import Splits, collate
 from .methods import Method, MethodConfig, Std, build_method
 from .models import build_model
 
@@ -152,7 +152,7 @@ def train(cfg: TrainConfig, splits: Splits) -> TrainResult:
     ddp.broadcast_model(model)
 
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=0)
+    loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
     meta = {"model": cfg.model, "num_classes": splits.num_classes, "in_shape": tuple(splits.in_shape),
             "dataset": splits.name, "method": cfg.method, "clip": splits.clip, "config": _plain(asdict(cfg))}
     for epoch in range(start, cfg.epochs):

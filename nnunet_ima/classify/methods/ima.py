@@ -39,7 +39,7 @@ class Ima(Method):
         eps = self.store.get(ids, device=x.device)
         x_adv = x.detach().clone()
         noisy_correct = torch.zeros_like(correct)
-        distance = torch.zeros(x.shape[0], device=x.device)
+        distance = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         valid = torch.ones_like(correct)
         l1 = l0
         idx = torch.nonzero(correct).flatten()
