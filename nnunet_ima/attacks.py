@@ -20,11 +20,16 @@ def resolve_step_size(step_size, eps: torch.Tensor, steps: int) -> torch.Tensor:
     if step_size is None:
         return 4.0 * eps / max(steps, 1)
     if isinstance(step_size, torch.Tensor):
-        s = step_size.to(eps.device, torch.float32)
-        return s.expand_as(eps) if s.dim() == 0 else s
-    if float(step_size) < 0:
-        raise ValueError(f"step_size must be >= 0, got {step_size}")
-    return torch.full_like(eps, float(step_size))
+        s = step_size.detach().to(eps.device, torch.float32)
+        s = s.expand_as(eps) if s.dim() == 0 else s
+        if s.shape != eps.shape:
+            raise ValueError(f"step_size: expected a float or a tensor of shape {tuple(eps.shape)}, "
+                             f"got shape {tuple(step_size.shape)}")
+    else:
+        s = torch.full_like(eps, float(step_size))
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise ValueError(f"step_size must be finite and >= 0, got {step_size}")
+    return s
 
 
 def _clip(x: torch.Tensor, clip):
