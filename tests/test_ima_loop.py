@@ -127,3 +127,15 @@ def test_clean_wrong_samples_shrink_and_are_not_attacked_into_large_margins():
     store = MarginStore(delta=DELTA, eps_max=EPS_MAX)
     hist = run_ima(model, x, y, 30, store=store)
     assert hist[-1, 50] < DELTA / 2 ** 10
+
+
+def test_ima_loss_by_hand():
+    l0 = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    l1 = torch.tensor([5.0, 6.0, 7.0, 8.0])
+    assert float(ima_loss(l0, l1)) == pytest.approx(((1 + 5) + (2 + 6) + (3 + 7) + (4 + 8)) / 2 / 4)
+    ok = torch.tensor([True, False, True, False])  # line 9: L1 <- L0 where the clean sample is wrong
+    assert float(ima_loss(l0, l1, ok)) == pytest.approx(((1 + 5) + (2 + 2) + (3 + 7) + (4 + 4)) / 2 / 4)
+    # earlier paper: ((1 - beta) * (L0 + L1) + beta * L2) / B, L2 over the correct samples only
+    assert float(ima_beta_loss(l0, l1, ok, beta=0.25)) == pytest.approx((0.75 * 10 + 0.25 * (5 + 7)) / 4)
+    with pytest.raises(ValueError, match="beta"):
+        ima_beta_loss(l0, l1, ok, beta=1.5)

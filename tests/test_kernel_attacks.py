@@ -314,6 +314,8 @@ def test_attack_inside_no_grad_and_input_untouched():
     (dict(loss="dice"), "loss"),
     (dict(steps=-1), "steps"),
     (dict(step_size=-1.0), "step_size"),
+    (dict(step_size=torch.full((8,), -0.1)), "step_size"),
+    (dict(step_size=torch.ones(3)), "step_size"),
 ])
 def test_bad_input_names_the_argument(attack, kwargs, name):
     x, y = image_batch()
