@@ -71,6 +71,9 @@ def _paths(workdir: str) -> dict:
             env[var] = str(base / var)
         Path(env[var]).mkdir(parents=True, exist_ok=True)
     env.setdefault("nnUNet_compile", "false")
+    # nnU-Net's validation export spawns nnUNet_def_n_proc (default 8) workers that each import torch:
+    # minutes of overhead on a 2-core machine for a few small cases
+    env.setdefault("nnUNet_def_n_proc", "1")
     return env
 
 
@@ -198,12 +201,12 @@ def verdict(out: Path, eps: list[float]) -> None:
     adi = {}
     with open(path) as fh:
         for row in csv.DictReader(fh):
-            if row.get("metric") == "ADI" and row.get("class") in ("mean", "all", "foreground"):
-                adi[(row["model"], row["attack"], float(row["eps"]))] = float(row["value"])
+            if row.get("class") == "mean" and row.get("adi") not in (None, ""):
+                adi[(row["model"], row["attack"], float(row["eps"]))] = float(row["adi"])
     mids = [e for e in sorted(eps) if e > 0][:-1] or [e for e in eps if e > 0]
     lines = []
     std, ima = TRAINERS[0], TRAINERS[2]
-    clean = (adi.get((std, "pgd", 0.0)) or adi.get((std, "clean", 0.0)), adi.get((ima, "pgd", 0.0)) or adi.get((ima, "clean", 0.0)))
+    clean = (adi.get((std, "pgd", 0.0)), adi.get((ima, "pgd", 0.0)))
     wins = []
     for e in mids:
         a, b = adi.get((std, "pgd", e)), adi.get((ima, "pgd", e))
