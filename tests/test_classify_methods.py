@@ -31,11 +31,11 @@ def setup():
     model = torch.nn.Sequential(torch.nn.Linear(D, 16), torch.nn.Tanh(), torch.nn.Linear(16, C))
     for p in model.parameters():
         p.data = torch.randn(p.shape, generator=g)
-    x = torch.rand(B, D, generator=g)
+    x = torch.randn(B, D, generator=g)
     with torch.no_grad():
         y = model(x).argmax(1)
     y[:3] = (y[:3] + 1) % C  # three wrongly classified samples
-    cfg = MethodConfig(eps=0.4, norm="l2", steps=6, search_steps=5, delta=0.05, clip=(0.0, 1.0))
+    cfg = MethodConfig(eps=0.4, norm="l2", steps=6, search_steps=5, delta=0.2)  # some samples cross at 0.2
     return model, x, y, cfg
 
 
@@ -73,7 +73,7 @@ def ref_rand(setup, out, m):
     d = out.x_adv - x
     assert bool((d.flatten(1).norm(dim=1) <= cfg.eps + 1e-5).all()) and bool((d != 0).any())
     torch.manual_seed(0)
-    assert torch.equal(out.x_adv, (x + get_norm("l2").random(x, torch.full((B,), cfg.eps))).clamp(0, 1))
+    assert torch.equal(out.x_adv, x + get_norm("l2").random(x, torch.full((B,), cfg.eps)))
     return (ce(model(x), y).mean() + ce(model(out.x_adv), y).mean()) / 2
 
 
@@ -90,6 +90,8 @@ def ref_trades(setup, out, m):
 
 def ref_ima(setup, out, m):
     model, x, y, cfg = setup
+    inside = (out.x_adv - x).flatten(1).norm(dim=1).lt(cfg.delta - 1e-4)[model(x).argmax(1) == y]
+    assert bool(inside.any()) and not bool(inside.all())  # some correct samples crossed, some did not
     z = model(x)
     correct = z.argmax(1) == y
     res = bpgd(model, x[correct], y[correct], torch.full((int(correct.sum()),), cfg.delta), norm="l2",
@@ -145,6 +147,20 @@ def test_ima_beta_loss_matches_earlier_paper(setup):
     l0, l1 = ce(z, y)[~correct].sum(), ce(z, y)[correct].sum()
     l2 = ce(model(out.x_adv[correct]), y[correct]).sum()
     assert torch.allclose(out.loss, ((1 - 0.5) * (l0 + l1) + 0.5 * l2) / B, rtol=1e-5)
+
+
+def test_ima_earlier_paper_margin_rules(setup):
+    """--ima-rule earlier: clean wrong -> Delta (re-initialise); BPGD found the boundary -> ||x - x~||
+    (clipped at Delta); otherwise expand by Delta."""
+    model, x, y, cfg = setup
+    m, out = run("ima", setup, ima_rule="earlier", delta=0.2, eps=0.8)
+    correct = model(x).argmax(1) == y
+    res = bpgd(model, x[correct], y[correct], 0.2, norm="l2", steps=cfg.steps, search_steps=cfg.search_steps,
+               clip=cfg.clip)
+    expect = torch.full((B,), 0.2, dtype=torch.float64)
+    expect[correct] = torch.where(res.crossed, res.distance.double().clamp(min=0.2), torch.tensor(0.4).double())
+    assert torch.allclose(m.store.get(range(B)).double(), expect, atol=1e-6)
+    assert bool(res.crossed.any()) and not bool(res.crossed.all())  # both cases occur
 
 
 def test_ima_attacks_only_correct_samples(setup):

@@ -65,6 +65,14 @@ def test_resume_is_not_a_fresh_start(moons, tmp_path):
     assert torch.equal(ck["method"]["margins"]["margins"], a.method.store.margins)
 
 
+def test_init_from_pretrained_checkpoint(moons, tmp_path):
+    small = moons.limit(256, 50)
+    std = train(moons_cfg("std", tmp_path / "std", epochs=1), small)
+    ima = train(moons_cfg("ima", tmp_path / "ima", epochs=0, init_from=str(std.checkpoint)), small)
+    for (k, a), (_, b) in zip(std.model.state_dict().items(), ima.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 def test_two_gloo_processes_agree_on_margins(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
@@ -86,7 +94,8 @@ def test_two_gloo_processes_agree_on_margins(tmp_path):
 def test_cli_run_and_eval(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", "--quick", "--limit-train", "300", "--limit-test", "60", "--epochs", "2", "--methods",
-               "std,ima,sat:0.1", "--eps", "0.1,0.2", "--pgd-steps", "10", "--out", str(out), "--no-progress"])
+               "std,ima,sat:0.1", "--eps", "0.1,0.2", "--pgd-steps", "10", "--init-from", "std", "--out", str(out),
+               "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "S. Acc." in text and "P. 0.2" in text and "SAT0.1" in text and str(out.resolve()) in text

@@ -159,9 +159,10 @@ def cmd_eval(a) -> int:
     for path in a.checkpoints:
         model, ck = model_from_checkpoint(path, a.device)
         meta = ck["meta"]
-        if splits is None:
+        if splits is None:  # dataset and norm of the (first) checkpoint unless given
             cfg.dataset = meta["dataset"]
-            cfg.preset = get_preset(cfg.dataset).with_(eval_eps=a.eps, norm=a.norm)
+            norm = a.norm or meta["config"]["method_cfg"]["norm"]
+            cfg.preset = get_preset(cfg.dataset).with_(eval_eps=a.eps, norm=norm)
             splits = load_splits(cfg)
         ecfg = replace(EvalConfig(eps=cfg.preset.eval_eps, norm=cfg.preset.norm, clip=splits.clip, seed=a.seed,
                                   device=a.device, progress=not a.no_progress), **cfg.eval_overrides)

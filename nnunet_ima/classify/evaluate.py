@@ -148,7 +148,8 @@ def format_table(results: dict, title: str = "") -> str:
     lines = [title] if title else []
     rows = []
     for method, r in results.items():
-        cells = [method.upper() if len(method) <= 6 else method]
+        head_, sep, rest = method.partition("(")
+        cells = [head_.upper() + sep + rest]
         for a, e in cols:
             v = r["clean"] if a == "clean" else r.get(a, {}).get(e)
             cells.append("-" if v is None else f"{100 * v:.2f}")

@@ -1,5 +1,6 @@
 """IMA, later paper Algorithm 1 in mini-batches (Algorithm 2 BPGD; Algorithm 3 when data
-augmentation is on), with the earlier paper's beta loss and margin rules as options.
+augmentation is on), with the earlier paper's beta loss and margin rules as options (``ima_rule="earlier"``: re-initialise
+to Delta on a clean error, shrink to ||x - x~|| exactly when BPGD found the boundary, clip at Delta).
 
 Per batch: one clean forward (its graph is kept for the loss, not recomputed); BPGD only for the
 correctly classified samples, inside their margins E(i); one forward of their noisy samples; loss
@@ -49,7 +50,10 @@ class Ima(Method):
             noisy_logits = model(res.x_adv)
             l1 = l0.index_put((idx,), ce(noisy_logits, y[idx]))
             x_adv[idx] = res.x_adv
-            noisy_correct[idx] = noisy_logits.detach().argmax(1) == y[idx]
+            if c.ima_rule == "later":  # Algorithm 1, line 13: g(z~) = y, read off the noisy forward
+                noisy_correct[idx] = noisy_logits.detach().argmax(1) == y[idx]
+            else:  # earlier paper's Algorithm 2: shrink exactly when BPGD found the boundary
+                noisy_correct[idx] = ~res.crossed
             distance[idx] = res.distance
             valid[idx] = res.valid
         if c.ima_loss == "mean":
