@@ -22,6 +22,7 @@ import copy
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: ./nnunet_ima_work)")
     p.add_argument("--dataset-id", type=int, default=DATASET_ID)
     p.add_argument("--resolution", type=float, default=3.0, help="template resampling in mm (default 3)")
+    p.add_argument("--slab", type=int, default=4, help="axial slices per case (default 4)")
     p.add_argument("--epochs-std", type=int, default=30, help="epochs of standard training (default 30)")
     p.add_argument("--epochs-adv", type=int, default=10,
                    help="epochs of SAT / IMA training, started from the standard model (default 10)")
@@ -81,20 +83,28 @@ def _say(msg: str) -> None:
     print(f"[nnunet-ima demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _stream(cmd: list[str], env: dict, log: Path) -> None:
-    """Run a command, echo its output live and keep a copy in ``log``; raise on failure."""
+_SHOW = re.compile(r"Epoch \d|train_loss|val_loss|Pseudo dice|[Mm]argin|Epoch time|Mean Validation Dice|suggest|"
+                   r"nnunet-ima|Error|error|Traceback|\||ADI|TVDI|check|written|wrote|%\|")
+
+
+def _stream(cmd: list[str], env: dict, log: Path, show=_SHOW) -> None:
+    """Run a command; echo its progress lines live (all output goes to ``log``); raise on failure."""
     _say("$ " + " ".join(cmd))
     with open(log, "a") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
         for line in proc.stdout:
             fh.write(line)
-            if line.strip():
+            tail = (tail + [line.rstrip()])[-40:]
+            if line.strip() and (show is None or show.search(line)):
                 print("    " + line.rstrip(), flush=True)
         if proc.wait():
-            raise SystemExit(f"nnunet-ima demo: command failed (exit {proc.returncode}), log: {log}\n  {' '.join(cmd)}")
+            print("\n".join("    " + t for t in tail), flush=True)
+            raise SystemExit(f"nnunet-ima demo: command failed (exit {proc.returncode}), full log: {log}\n"
+                             f"  {' '.join(cmd)}")
 
 
-def build_dataset(env: dict, dataset_id: int, resolution: float) -> Path:
+def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4) -> Path:
     from .mni import LABELS, mni_slab_cases
 
     folder = Path(env["nnUNet_raw"]) / dataset_folder_name(dataset_id, DATASET_NAME)
@@ -102,7 +112,7 @@ def build_dataset(env: dict, dataset_id: int, resolution: float) -> Path:
         _say(f"dataset exists: {folder}")
         return folder
     _say("building the dataset from the MNI152 template shipped with nilearn")
-    train, test, spacing = mni_slab_cases(resolution)
+    train, test, spacing = mni_slab_cases(resolution, slab=slab)
     write_raw_dataset(env["nnUNet_raw"], dataset_id, DATASET_NAME, train, LABELS, test=test, spacing=spacing,
                       channel_name="T1",
                       description="MNI152 ICBM 2009a T1 template (nilearn), axial slabs; labels from the template's "
@@ -144,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     _say(f"nnUNet_raw={env['nnUNet_raw']}\n    nnUNet_preprocessed={env['nnUNet_preprocessed']}\n"
          f"    nnUNet_results={env['nnUNet_results']}\n    logs in {logdir}")
-    raw = build_dataset(env, args.dataset_id, args.resolution)
+    raw = build_dataset(env, args.dataset_id, args.resolution, args.slab)
     pre = Path(env["nnUNet_preprocessed"]) / raw.name
     if not (pre / "nnUNetPlans.json").exists():
         _say("nnU-Net planning and preprocessing (nnUNetv2_plan_and_preprocess -c 2d)")
