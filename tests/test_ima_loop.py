@@ -44,7 +44,6 @@ def run_ima(model, x, y, iters, *, store, variant="boundary", batch=None, lr=0.5
     """Algorithm 1. ``noisy_rule``: "argmax" is line 13 literally (g(z~) = y); "crossed" reads the
     noisy sample as wrong whenever BPGD found the boundary (its midpoint lies on either side)."""
     ids = [f"s{i:03d}" for i in range(x.shape[0])]  # string ids, as the segmentation trainers use
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
     history = []
     g = torch.Generator().manual_seed(1)
     for _ in range(iters):
@@ -61,9 +60,11 @@ def run_ima(model, x, y, iters, *, store, variant="boundary", batch=None, lr=0.5
             l1 = cross_entropy(z_noisy, yb)
             noisy_ok = (z_noisy.argmax(1) == yb) if noisy_rule == "argmax" else ~res.crossed
             loss = ima_loss(l0, l1, clean_ok) if beta is None else ima_beta_loss(l0, l1, clean_ok, beta)
-            opt.zero_grad()
+            model.zero_grad()
             loss.backward()
-            opt.step()
+            with torch.no_grad():  # plain SGD (torch.optim's first step costs seconds of imports)
+                for p in model.parameters():
+                    p -= lr * p.grad
             store.update(idb, clean_ok, noisy_ok.detach(), res.distance, valid=res.valid)
             assert float(store.margins.max()) <= EPS_MAX  # never above eps_max, at any step
         history.append(store.get(ids).double())
