@@ -81,6 +81,8 @@ class nnUNetTrainerSTD(nnUNetTrainer):
             clean = (output[0] if isinstance(output, (list, tuple)) else output).detach()
             del output
             noisy = self.make_adversarial_batch(data, target, batch["keys"], clean)
+            if noisy is None and self.is_ddp:
+                noisy = data  # every rank must run the same number of backward passes (gradient all-reduce)
             if noisy is None:  # no sample to perturb: L1 = L0 for all, i.e. the plain gradient of L0
                 for p in self.network.parameters():
                     if p.grad is not None:

@@ -163,22 +163,30 @@ def _parse(key: str, raw, where: str, errors: list[str]):
 
 
 def _validate(cfg: IMAConfig, errors: list[str]) -> None:
-    def at(key):
-        return f"{key} (from {cfg.sources.get(key, 'default')})"
+    def src(key):
+        return f"(from {cfg.sources.get(key, 'default')})"
 
-    if not (math.isfinite(cfg.eps_max) and cfg.eps_max > 0):
-        errors.append(f"eps_max must be > 0, got {cfg.eps_max} {at('eps_max')}")
-    if not (math.isfinite(cfg.delta) and cfg.delta > 0):
-        errors.append(f"delta must be > 0, got {cfg.delta} {at('delta')}")
+    eps_ok = math.isfinite(cfg.eps_max) and cfg.eps_max > 0
+    if not eps_ok:
+        errors.append(f"eps_max must be > 0, got {cfg.eps_max} {src('eps_max')}")
+
+    def derived(key):  # a default computed from a bad eps_max: its error would only repeat that one
+        return not eps_ok and cfg.sources.get(key, "").startswith("default eps_max")
+
+    if derived("delta"):
+        pass
+    elif not (math.isfinite(cfg.delta) and cfg.delta > 0):
+        errors.append(f"delta must be > 0, got {cfg.delta} {src('delta')}")
     elif math.isfinite(cfg.eps_max) and cfg.delta > cfg.eps_max:
-        errors.append(f"delta must be <= eps_max, got delta={cfg.delta} {at('delta')} > eps_max={cfg.eps_max}")
+        errors.append(f"delta must be <= eps_max, got delta={cfg.delta} {src('delta')} > eps_max={cfg.eps_max} "
+                      f"{src('eps_max')}")
     if not 0.0 < cfg.dice_threshold < 1.0:
-        errors.append(f"dice_threshold must be in (0, 1), got {cfg.dice_threshold} {at('dice_threshold')}")
+        errors.append(f"dice_threshold must be in (0, 1), got {cfg.dice_threshold} {src('dice_threshold')}")
     if cfg.norm not in NORMS:
-        errors.append(f"unknown norm {cfg.norm!r} {at('norm')}; known norms: {sorted(NORMS)}")
-    if not (math.isfinite(cfg.sat_eps) and cfg.sat_eps > 0):
-        errors.append(f"sat_eps must be > 0, got {cfg.sat_eps} {at('sat_eps')}")
+        errors.append(f"unknown norm {cfg.norm!r} {src('norm')}, known norms: {sorted(NORMS)}")
+    if not derived("sat_eps") and not (math.isfinite(cfg.sat_eps) and cfg.sat_eps > 0):
+        errors.append(f"sat_eps must be > 0, got {cfg.sat_eps} {src('sat_eps')}")
     for key in ("k", "n", "epochs", "iters", "val_iters"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
-            errors.append(f"{key} must be >= 1, got {value} {at(key)}")
+            errors.append(f"{key} must be >= 1, got {value} {src(key)}")
