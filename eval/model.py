@@ -6,8 +6,11 @@ The network is taken from :class:`nnUNetPredictor` (its prediction methods run u
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,10 +157,16 @@ def load_model(dataset: str, configuration: str, fold: str, trainer: str, plans:
     ckpt = locate(dataset, configuration, fold, trainer, plans, checkpoint)
     folder = ckpt.parent.parent
     dev = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=dev,
-                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # "perform_everything_on_device ... only for cuda"
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False, device=dev,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    chatter = io.StringIO()  # nnU-Net prints its trainer search; keep the command's output readable
     try:
-        predictor.initialize_from_trained_model_folder(str(folder), (fold if fold == "all" else int(fold),), checkpoint)
+        with contextlib.redirect_stdout(chatter), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            predictor.initialize_from_trained_model_folder(str(folder), (fold if fold == "all" else int(fold),),
+                                                           checkpoint)
     except RuntimeError as e:
         if "Could not find requested nnunet trainer" in str(e):
             raise EvalError(f"nnU-Net cannot find the trainer class of {ckpt} (searched nnunetv2 and "
@@ -180,45 +189,69 @@ def load_model(dataset: str, configuration: str, fold: str, trainer: str, plans:
 class PerSampleLoss(torch.nn.Module):
     """The trainer's loss evaluated on each sample separately: returns (B,).
 
-    ``dicece`` is nnU-Net's ``DC_and_CE_loss`` built exactly as ``nnUNetTrainer._build_loss`` builds
-    it (soft Dice without background, smooth 1e-5, the plans' ``batch_dice``, CE weight 1, Dice
-    weight 1, the ignore label) but without the deep-supervision wrapper (the network runs without
-    deep supervision at inference). It is applied to one sample at a time, so a sample's attack
-    does not depend on the others in its batch (with one sample ``batch_dice`` makes no difference).
-    ``ce`` is plain per-pixel cross-entropy averaged per sample.
+    ``dicece`` is nnU-Net's ``DC_and_CE_loss`` as ``nnUNetTrainer._build_loss`` builds it (soft Dice
+    of the softmax without background, smooth 1e-5, CE weight 1, Dice weight 1, the ignore label),
+    without the deep-supervision wrapper (the network runs without deep supervision at inference),
+    computed for each sample as if it were a batch of its own: a sample's attack never depends on the
+    other samples of its batch (with one sample the plans' ``batch_dice`` makes no difference). It is
+    vectorised over the batch; :meth:`reference` is the literal loop over nnU-Net's own
+    ``DC_and_CE_loss`` and the tests check that both agree. ``ce`` is per-pixel cross-entropy
+    averaged per sample.
 
-    ``valid`` (B, ndim) are the sizes of each sample's real region (padding at the end of every
-    axis is cut away before the loss, so padding never drives the attack).
+    ``mask`` (B, 1, *S), set per batch: 1 on each sample's real region, 0 on padding. Padding is left
+    out of every sum (the same as cutting it away before the loss), so it never drives the attack.
     """
 
-    def __init__(self, kind: str, batch_dice: bool, ignore_label: int | None):
+    def __init__(self, kind: str, batch_dice: bool, ignore_label: int | None, smooth: float = 1e-5):
         super().__init__()
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
         if kind not in ("dicece", "ce"):
             raise EvalError(f"unknown loss {kind!r}: use dicece or ce")
         self.kind = kind
+        self.batch_dice = batch_dice
         self.ignore_label = ignore_label
-        self.loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                                   weight_ce=1, weight_dice=1, ignore_label=ignore_label,
-                                   dice_class=MemoryEfficientSoftDiceLoss)
-        self.valid = None
+        self.smooth = smooth
+        self.mask: torch.Tensor | None = None
 
     def forward(self, output, y):
-        out = output[0] if isinstance(output, (list, tuple)) else output
-        losses = []
-        for i in range(out.shape[0]):
-            crop = (slice(i, i + 1), slice(None)) + tuple(slice(0, int(v)) for v in self.valid[i])
-            o, t = out[crop], y[crop]
-            if self.kind == "dicece":
-                losses.append(self.loss(o, t))
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        t = y.long()
+        keep = torch.ones_like(t, dtype=logits.dtype) if self.mask is None else self.mask.to(logits.dtype)
+        if self.ignore_label is not None:
+            keep = keep * (t != self.ignore_label).to(logits.dtype)
+            t = torch.where(t == self.ignore_label, torch.zeros_like(t), t)
+        axes = tuple(range(2, logits.ndim))
+        n = keep.sum(axes).squeeze(1)
+        ce = torch.nn.functional.cross_entropy(logits, t[:, 0], reduction="none").unsqueeze(1)
+        ce = (ce * keep).sum(axes).squeeze(1) / n.clamp_min(1)
+        if self.kind == "ce":
+            return ce
+        p = torch.softmax(logits, 1)[:, 1:] * keep
+        onehot = torch.zeros_like(logits).scatter_(1, t, 1.0)[:, 1:] * keep
+        intersect = (p * onehot).sum(axes)
+        dc = (2 * intersect + self.smooth) / (onehot.sum(axes) + p.sum(axes) + self.smooth).clamp_min(1e-8)
+        return ce - dc.mean(1)
+
+    def reference(self, output, y):
+        """The literal definition: nnU-Net's DC_and_CE_loss on each sample's real region, one by one."""
+        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+        loss = DC_and_CE_loss({"batch_dice": self.batch_dice, "smooth": self.smooth, "do_bg": False, "ddp": False}, {},
+                              weight_ce=1, weight_dice=1, ignore_label=self.ignore_label,
+                              dice_class=MemoryEfficientSoftDiceLoss)
+        out = []
+        for i in range(output.shape[0]):
+            m = torch.ones_like(y[i, 0], dtype=torch.bool) if self.mask is None else self.mask[i, 0] > 0
+            crop = tuple(slice(0, int(v.max()) + 1) for v in torch.nonzero(m, as_tuple=True))
+            o, t = output[(slice(i, i + 1), slice(None)) + crop], y[(slice(i, i + 1), slice(None)) + crop]
+            if self.kind == "ce":
+                t0 = t[:, 0].long()
+                keep = torch.ones_like(t0, dtype=torch.bool) if self.ignore_label is None else t0 != self.ignore_label
+                ce = torch.nn.functional.cross_entropy(o, torch.where(keep, t0, 0), reduction="none")
+                out.append((ce * keep).sum() / keep.sum().clamp_min(1))
             else:
-                t = t[:, 0].long()
-                ce = torch.nn.functional.cross_entropy(o, t, reduction="none",
-                                                       ignore_index=-100 if self.ignore_label is None else self.ignore_label)
-                losses.append(ce.mean())
-        return torch.stack(losses)
+                out.append(loss(o, t))
+        return torch.stack(out)
 
 
 def attack_loss(model: LoadedModel, kind: str = "dicece") -> PerSampleLoss:

@@ -143,7 +143,7 @@ class Evaluator:
         for b in bar:
             b = b.to(dev)
             self.attacked.mask = b.mask
-            self.loss.valid = b.valid
+            self.loss.mask = b.mask
             x_adv = self._attack(attack, b, eps, steps, gen)
             pred, tp, fp, fn = self.counts_of(b, x_adv)
             counts.add(tp, fp, fn, [self.cases[r.case].name for r in b.refs])
@@ -155,7 +155,7 @@ class Evaluator:
                             r, self.cases[r.case].name, b.x[(j, slice(None)) + region].cpu().numpy(),
                             x_adv[(j, slice(None)) + region].detach().cpu().numpy(),
                             b.y[(j, 0) + region].cpu().numpy(), pred[(j,) + region].cpu().numpy()))
-        self.attacked.mask = None
+        self.attacked.mask = self.loss.mask = None
         return Evaluation(attack, float(eps), counts, time.perf_counter() - t0, examples)
 
     # ------------------------------------------------------------------ sanity checks
