@@ -47,3 +47,25 @@ def nnunet_environ(nnunet_tiny, monkeypatch):
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile"):
         monkeypatch.setenv(k, nnunet_tiny.env[k])
     return nnunet_tiny
+
+
+# --- evaluation (nnunet_ima_eval) ---------------------------------------------------------------
+EVAL_EXT_TRAINERS = Path(__file__).parent / "ext_trainers"
+EVAL_TRAINER = "nnUNetTrainer_evalTiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_2d(nnunet_tiny) -> NnunetTiny:
+    """A standard nnU-Net model trained with the real ``nnUNetv2_train 999 2d 0 -tr nnUNetTrainer_evalTiny
+    -device cpu`` (tests/ext_trainers: a few short epochs, about a minute on 2 cores). The model lands in
+    the tiny dataset's nnUNet_results; ``env`` of the returned object includes nnUNet_extTrainer."""
+    import subprocess
+
+    from nnunet_ima.nnunet_data import nnunet_command
+
+    env = dict(nnunet_tiny.env, nnUNet_extTrainer=str(EVAL_EXT_TRAINERS))
+    cmd = nnunet_command("nnUNetv2_train") + [str(TINY_ID), "2d", "0", "-tr", EVAL_TRAINER, "-device", "cpu"]
+    run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout[-4000:]}")
+    return NnunetTiny(nnunet_tiny.root, env)

@@ -1,0 +1,189 @@
+"""End to end: ``nnunet-ima-attack`` on a standard nnU-Net model trained in the session (real
+``nnUNetv2_train``) and the generated NIfTI test cases (imagesTs / labelsTs).
+
+* the clean row equals the Dice of nnU-Net's own prediction (``nnUNetPredictor``) of the same cases,
+  scored with nnU-Net's own ``compute_metrics``;
+* Dice under PGD at a large eps is far below the clean one;
+* a rerun skips finished rows; bad inputs give one clear message each (exit code 2, no traceback).
+
+Apples to apples: the attack targets the plain network, so the reference prediction is nnU-Net's
+with test-time mirroring off (``use_mirroring=False``, ``nnUNetv2_predict --disable_tta``). The tiny
+slices are exactly one patch (32 x 32), so the sliding window has one tile and its Gaussian
+weighting cancels; the spacing is 1 mm and the images have no zero border, so preprocessing neither
+resamples nor crops, and the preprocessed space is the raw space voxel for voxel. What remains is
+nnU-Net's half-precision logit accumulation (``predicted_logits`` is float16), which can flip the
+argmax of a voxel whose two top logits are within float16 rounding: hence a tolerance of 1e-3.
+On real data the two legitimately differ more: nnU-Net predicts 2d slices larger than the patch
+with overlapping Gaussian-weighted tiles (we feed whole slices), and resamples to the original spacing.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import EVAL_EXT_TRAINERS, EVAL_TRAINER, TINY_ID
+
+ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
+            "nnUNet_def_n_proc", "nnUNet_extTrainer")
+LARGE_EPS = 40.0  # a 32 x 32 z-scored slice has L2 norm ~32: this is a big perturbation
+
+
+def attack(args: list[str]) -> tuple[int, str, str]:
+    """Run the console script's main in-process; returns (exit code, stdout, stderr)."""
+    from nnunet_ima_eval.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def env(tiny_trained_2d):
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ENV_KEYS:
+            if k in tiny_trained_2d.env:
+                mp.setenv(k, tiny_trained_2d.env[k])
+        yield tiny_trained_2d
+
+
+def common(env, out) -> list[str]:
+    return ["-d", str(TINY_ID), "-c", "2d", "-f", "0", "-tr", EVAL_TRAINER, "-o", str(out), "--quiet",
+            "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def e2e(env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("attack")
+    args = common(env, out) + ["-i", str(env.raw / "imagesTs"), "-l", str(env.raw / "labelsTs"),
+                               "--eps", "0", str(LARGE_EPS), "--attacks", "pgd", "--steps-pgd", "5",
+                               "--steps-ifgsm", "3", "--save-examples", "1"]
+    rc, stdout, stderr = attack(args)
+    assert rc == 0, stderr
+    return out, args, stdout, json.loads((out / "results.json").read_text())
+
+
+def rows(results, attack_name, eps=None, cls="mean"):
+    return [r for r in results["rows"] if r["attack"] == attack_name and r["class"] == cls
+            and (eps is None or r["eps"] == eps)]
+
+
+def test_command_runs_and_writes_everything(e2e):
+    out, _, stdout, results = e2e
+    for f in ("results.csv", "results.json", "robustness.png"):
+        assert (out / f).is_file()
+    assert "S. Dice" in stdout and "P. 40" in stdout and EVAL_TRAINER in stdout
+    # one row per (model, attack, eps, class): clean + 2 PGD noise levels, classes outer, core, mean
+    assert len(results["rows"]) == 3 * 3
+    assert {r["class"] for r in results["rows"]} == {"outer", "core", "mean"}
+    assert all(r["n_samples"] == 16 for r in results["rows"])  # 2 test cases x 8 slices
+    checks = {c["check"]: c["status"] for c in results["checks"]}
+    assert checks["eps0_equals_clean[pgd]"] == "ok"
+    assert checks["large_eps_near_zero"] == "ok"
+    assert checks["non_increasing[pgd]"] == "ok"
+    pngs = list((out / "examples" / EVAL_TRAINER).rglob("*.png"))
+    niis = list((out / "examples" / EVAL_TRAINER).rglob("*_adversarial.nii.gz"))
+    assert pngs and niis
+
+
+def test_clean_row_equals_nnunet_prediction(e2e, env, tmp_path):
+    """Per-case 3D Dice of the clean row == nnU-Net's predictor + nnU-Net's compute_metrics."""
+    import torch
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    _, _, _, results = e2e
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(
+        str(env.results / env.dataset_name / f"{EVAL_TRAINER}__nnUNetPlans__2d"), (0,), "checkpoint_final.pth")
+    predictor.predict_from_files_sequential(str(env.raw / "imagesTs"), str(tmp_path), False, True, None)
+    ours = {p["case"]: p["dice3d"] for p in results["per_case"] if p["attack"] == "clean"}
+    assert sorted(ours) == ["case_006", "case_007"]
+    for case, dice in ours.items():
+        m = compute_metrics(str(env.raw / "labelsTs" / f"{case}.nii.gz"), str(tmp_path / f"{case}.nii.gz"),
+                            SimpleITKIO(), [1, 2])
+        theirs = float(np.nanmean([m["metrics"][k]["Dice"] for k in (1, 2)]))
+        assert dice == pytest.approx(theirs, abs=1e-3), case
+    clean = rows(results, "clean")[0]
+    assert clean["dice3d"] == pytest.approx(np.mean(list(ours.values())))
+    assert clean["adi"] > 0.2 and clean["dice3d"] > 0.3
+
+
+def test_pgd_at_large_eps_is_far_below_clean(e2e):
+    _, _, _, results = e2e
+    clean = rows(results, "clean")[0]
+    at0 = rows(results, "pgd", 0.0)[0]
+    big = rows(results, "pgd", LARGE_EPS)[0]
+    assert at0["adi"] == clean["adi"] and at0["tvdi"] == clean["tvdi"]
+    for metric in ("adi", "tvdi", "dice3d"):
+        assert big[metric] < 0.25 * clean[metric], metric
+
+
+def test_rerun_skips_finished_rows(e2e, monkeypatch):
+    out, args, _, results = e2e
+    import nnunet_ima_eval.model as model_module
+
+    def no_load(*a, **k):
+        raise AssertionError("a rerun must not load the model")
+
+    monkeypatch.setattr(model_module, "load_model", no_load)
+    rc, stdout, stderr = attack(args)
+    assert rc == 0, stderr
+    assert "already in" in stdout
+    again = json.loads((out / "results.json").read_text())
+    assert again["rows"] == results["rows"]
+
+
+def test_fold_validation_cases_default(env, tmp_path):
+    """Without -i/-l the fold's validation cases (splits_final.json) from nnUNet_preprocessed are used."""
+    rc, stdout, stderr = attack(common(env, tmp_path) + ["--eps", "1", "--attacks", "ifgsm", "--steps-ifgsm", "1",
+                                                         "--max-samples", "4", "--no-sanity"])
+    assert rc == 0, stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    split = json.loads((env.preprocessed / "splits_final.json").read_text())[0]["val"]
+    cases = {p["case"] for p in results["per_case"]}
+    assert cases and cases <= set(split)
+    assert rows(results, "clean")[0]["n_samples"] == 4
+
+
+# --------------------------------------------------------------------------------------- bad input
+def _mismatched_labels(env, tmp_path):
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    images.mkdir(), labels.mkdir()
+    shutil.copy(env.raw / "imagesTs" / "case_006_0000.nii.gz", images)
+    lab = sitk.GetImageFromArray(np.zeros((8, 32, 30), np.uint8))
+    sitk.WriteImage(lab, str(labels / "case_006.nii.gz"))
+    return ["-i", str(images), "-l", str(labels)]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"-d": "977"}, "unknown dataset '977'"),
+    ({"-tr": "nnUNetTrainerNope"}, "unknown trainer 'nnUNetTrainerNope'"),
+    ({"-f": "3"}, "unknown fold '3'"),
+    ({"-chk": "checkpoint_nope.pth"}, "missing checkpoint"),
+    ({"--eps": "-1"}, "--eps must be finite and >= 0"),
+    ("labels", "label shape (8, 32, 30) does not match image shape (8, 32, 32)"),
+])
+def test_bad_input_gives_one_clear_message(env, tmp_path, change, message):
+    args = common(env, tmp_path) + ["--eps", "1", "--attacks", "ifgsm", "--steps-ifgsm", "1", "--no-sanity"]
+    if change == "labels":
+        args += _mismatched_labels(env, tmp_path)
+    else:
+        for k, v in change.items():
+            if k in args:
+                args[args.index(k) + 1] = v
+            else:
+                args += [k, v]
+    rc, stdout, stderr = attack(args)
+    assert rc == 2
+    assert "Traceback" not in stderr + stdout
+    err = [line for line in stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("nnunet-ima-attack: error: ") and message in err[0], stderr
+    assert not (tmp_path / "results.json").exists() or change == "labels"
