@@ -176,6 +176,10 @@ def train(cfg: TrainConfig, splits: Splits) -> TrainResult:
             tot_correct += int((res.logits.detach().argmax(1) == y).sum())
             n += b
             bar.set_postfix(loss=f"{tot_loss / n:.4f}", acc=f"{tot_correct / n:.3f}")
+        if ddp.active():  # epoch statistics over all ranks
+            t = torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            tot_loss, tot_correct, n = float(t[0]), int(t[1]), int(t[2])
         active.end_epoch()
         ddp.average_buffers(model)
         if method.uses_margins and ddp.active():
