@@ -60,7 +60,7 @@ def test_resume_gives_identical_weights_and_margins(moons, tmp_path):
 def test_resume_is_not_a_fresh_start(moons, tmp_path):
     small = moons.limit(256, 100)
     a = train(moons_cfg("ima", tmp_path / "a", epochs=2, batch_size=64, stop_after_epoch=1), small)
-    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 0 and "margins" in ck["method"] and {"torch", "numpy", "python"} <= set(ck["rng"])
     assert torch.equal(ck["method"]["margins"]["margins"], a.method.store.margins)
 
@@ -87,7 +87,7 @@ def test_two_gloo_processes_agree_on_margins(tmp_path):
     assert len(by_key[0]) == 400  # every sample, seen on one rank or the other
     assert by_key[0] == by_key[1]  # identical margin for every sample id on both ranks
     assert max(by_key[0].values()) > 0.05  # margins moved (expanded) during training
-    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["method"]["margins"]
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["method"]["margins"]
     assert dict(zip(ck["keys"], ck["margins"].tolist())) == by_key[0]
 
 
@@ -127,3 +127,17 @@ def test_autoattack_two_and_ten_classes():
         assert r["clean"] == 1.0 and 0.0 <= r["aa"][0.5] <= 1.0 and r["pgd"][0.5] <= 1.0
     r = evaluate(model, IndexedDataset(x, y), 10, replace(cfg, clip=None))
     assert "aa" not in r and "AutoAttack skipped" in r["notes"][0]
+
+
+def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from nnunet_ima.classify.train import rng_state, save_atomic, set_rng_state
+
+    save_atomic({"rng": rng_state()}, tmp_path / "r.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]

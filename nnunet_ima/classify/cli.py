@@ -129,7 +129,15 @@ def cmd_run(a) -> int:
     t0 = time.perf_counter()
     results = run_experiment(cfg)
     if results:
+        import json
+
         print(Path(cfg.out, "table.txt").read_text(), end="")
+        extra = json.loads(Path(cfg.out, "run.json").read_text())
+        for k, v in extra.items():
+            if k.startswith("suggested_sat_eps_"):
+                m = k.removeprefix("suggested_sat_eps_")
+                print(f"{m.upper()} margins: median {v:.4g} (suggested SAT eps, see margins_{m}.png), "
+                      f"mean {extra['margins_' + m]['mean']:.4g}")
         print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - t0:.0f}s): table.txt, results.csv, "
               f"results.json, accuracy_vs_eps.png, margins_*.png" + (", decision_boundaries.png"
                                                                        if a.dataset == "moons" else ""))

@@ -77,13 +77,20 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors, lists and numbers only (so checkpoints load with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_py = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_py]}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_py = state["python"]
+    random.setstate((version, tuple(internal), gauss_py))
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -95,7 +102,8 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """Checkpoints hold tensors, numbers, strings, lists and dicts only: loaded with weights_only=True."""
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def model_from_checkpoint(path, device="cpu") -> tuple[torch.nn.Module, dict]:
