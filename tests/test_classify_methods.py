@@ -242,3 +242,12 @@ def test_ima_step_equals_naive_implementation():
         out.loss.backward()
         opt.step()
     assert 0 < int((m.store.margins < 5 * cfg.delta).sum()) < 64  # some margins shrank, some grew
+
+
+@pytest.mark.parametrize("bad", [{"eps": 0}, {"norm": "l1"}, {"delta": 0}, {"ima_rule": "x"}, {"ima_beta": 2},
+                                 {"fat_tau": -1}])
+def test_method_config_is_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        MethodConfig(**bad)
+    with pytest.raises(ValueError, match="delta"):
+        build_method("ima", MethodConfig(eps=0.3, delta=0.5))  # IMA needs delta <= eps_max

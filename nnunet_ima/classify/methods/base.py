@@ -27,7 +27,20 @@ class MethodConfig:
     trades_beta: float = 6.0        # TRADES regularisation weight (Zhang et al. 2019 default)
     fat_tau: int | None = None      # FAT early-stop tau; None = FAT's dynamic schedule (0 -> 1 -> 2)
     mma_clean_weight: float = 1 / 3  # MMA: weight of the clean CE term (Ding et al.: 1/3 clean, 2/3 MMA)
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        checks = [("eps", self.eps > 0, "> 0"), ("norm", self.norm in ("l2", "linf"), "'l2' or 'linf'"),
+                  ("steps", self.steps >= 1, ">= 1"), ("search_steps", self.search_steps >= 0, ">= 0"),
+                  ("delta", self.delta > 0, "> 0"),  # IMA's MarginStore also checks delta <= eps
+                  ("ima_loss", self.ima_loss in ("mean", "beta"), "'mean' or 'beta'"),
+                  ("ima_beta", 0 <= self.ima_beta <= 1, "in [0, 1]"),
+                  ("ima_rule", self.ima_rule in ("later", "earlier"), "'later' or 'earlier'"),
+                  ("trades_beta", self.trades_beta >= 0, ">= 0"),
+                  ("fat_tau", self.fat_tau is None or self.fat_tau >= 0, ">= 0 or None"),
+                  ("mma_clean_weight", 0 <= self.mma_clean_weight <= 1, "in [0, 1]")]
+        for name, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
 
 @dataclass
