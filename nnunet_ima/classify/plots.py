@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .evaluate import ATTACKS, LABELS
+from .evaluate import ATTACKS
+
+TITLES = {"pgd": "PGD (worst of CE and margin loss)", "ifgsm": "IFGSM", "aa": "AutoAttack (torchattacks)"}
 
 
 def _plt():
@@ -31,7 +33,7 @@ def plot_accuracy_vs_eps(results: dict, path, title: str = "") -> None:
             ax.plot(eps, acc, marker="o", label=method)
         ax.set_xlabel("noise level eps")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{LABELS[a].rstrip('.')} {title}".strip())
+        ax.set_title(f"{title}: {TITLES[a]}" if title else TITLES[a], fontsize=10)
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend()
