@@ -159,11 +159,10 @@ def run(args) -> int:
             rows = report.make_rows(base, evaluation.summary, model.class_names, evaluation.seconds)
             per_case = [{**base, "case": c, "dice3d": v} for c, v in evaluation.summary["dice3d_per_case"].items()]
             store.add(rows, per_case)
-            if evaluation.examples:
+            if evaluation.examples and evaluation.attack != CLEAN:
                 for ex in evaluation.examples:
                     ex.pred_clean = clean_pred.get(ex.ref)
-                sub = out / "examples" / tr / (evaluation.attack if evaluation.attack == CLEAN
-                                               else f"{evaluation.attack}_eps{evaluation.eps:g}")
+                sub = out / "examples" / tr / f"{evaluation.attack}_eps{evaluation.eps:g}"
                 report.save_examples(sub, evaluation.examples, spacing)
 
         if not store.finished(bases[0]) or args.overwrite:
@@ -196,6 +195,7 @@ def run(args) -> int:
 
     rows = [r for r in store.rows if r["dataset"] == name and r["source"] == source
             and r["configuration"] == args.configuration and r["model"] in args.trainers
+            and r["plans"] == args.plans and str(r["fold"]) == args.fold and r["checkpoint"] == args.checkpoint
             and r["max_samples"] == args.max_samples
             and (r["attack"] == CLEAN or (r["norm"] == args.norm and r["loss"] == args.loss
                                           and r["steps"] == settings.steps(r["attack"]) and r["eps"] in eps_list))]

@@ -168,7 +168,8 @@ def save_examples(folder: Path, examples: list, spacing=None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for ex in examples:
-        stem = f"{ex.case}_" + "_".join(str(s) for s in ex.ref.start)
+        start = ex.ref.start[:1] if ex.image.ndim == 3 else ex.ref.start  # 2d: the slice index only
+        stem = ex.case + "".join(f"_{a}{s}" for a, s in zip("zyx", start))
         arrays = {"image": ex.image[0], "adversarial": ex.adversarial[0], "noise": ex.adversarial[0] - ex.image[0],
                   "label": ex.label.astype(np.uint8), "pred_adversarial": ex.pred.astype(np.uint8)}
         if ex.pred_clean is not None:
