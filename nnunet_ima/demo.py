@@ -96,7 +96,7 @@ def _stream(cmd: list[str], env: dict, log: Path, show=_SHOW) -> None:
         for line in proc.stdout:
             fh.write(line)
             tail = (tail + [line.rstrip()])[-40:]
-            if line.strip() and (show is None or show.search(line)):
+            if line.strip() and (show.search(line) if show is not None else "%|" not in line):
                 print("    " + line.rstrip(), flush=True)
         if proc.wait():
             print("\n".join("    " + t for t in tail), flush=True)
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite:
         attack.append("--overwrite")
     _say("attacking all models on the held-out test slabs")
-    _stream(attack, env, logdir / "attack.log")
+    _stream(attack, env, logdir / "attack.log", show=None)
     verdict(out, args.eps)
     _say(f"done in {(time.time() - t0) / 60:.1f} min. Results: {out} (results.csv, results.json, plots); "
          f"models: {Path(env['nnUNet_results']) / raw.name}")
