@@ -1,0 +1,254 @@
+"""Benchmark (not a test): cost of one training iteration of nnUNetTrainer, nnUNetTrainerSAT and
+nnUNetTrainerIMA, and IMA against its floor, all measured in one run on a generated dataset.
+
+    .venv/bin/python benchmarks/bench_trainers.py                 # K=20, N=10 (paper), 2d, CPU
+    .venv/bin/python benchmarks/bench_trainers.py --k 5 --n 3 --iters 2 --shape 8 32 32   # quick look
+
+What is measured
+* A small dataset (``synthetic_shapes``) is written, planned and preprocessed by the real
+  ``nnUNetv2_plan_and_preprocess`` (2d). Each trainer is built in-process, ``on_train_start()`` is
+  called, and ``train_step`` is timed on the *same* batches (drawn once from nnU-Net's augmented
+  loader), every trainer starting from the same weights. One warm-up step is not timed.
+* IMA's worst case is forced: its Dice predicate still computes the Dice (so its cost counts) but
+  reports every clean sample as correct and every attacked point as wrong, so BPGD runs all K PGD
+  steps, the check forward and all N binary-search forwards on the whole batch (an untrained
+  network segments nothing correctly, and IMA would then do no attack at all).
+* The floor = one standard step (nnUNetTrainer.train_step) + K attack steps + N forwards, each
+  measured with bare code on the same network and batch: an attack step is forward + backward to
+  the input with frozen weights + the L2 step/projection arithmetic; a forward is ``no_grad``.
+  IMA's extra work above the floor is the check forward, the noisy forward/backward of
+  (L_clean + L_noisy) / 2, the Dice predicate and the margin bookkeeping.
+* Memory on CPU: the process is re-executed with ``MALLOC_MMAP_THRESHOLD_=65536`` and
+  ``MALLOC_TRIM_THRESHOLD_=0`` so that tensor buffers are mmapped and returned to the OS when freed;
+  a thread samples the resident set size (/proc/self/statm) every ~0.5 ms during each timed step.
+  Reported: the largest (over the timed steps) peak RSS increase over the RSS just before the
+  step, taken after ``optimizer.zero_grad(set_to_none=True)`` (the first thing nnU-Net's step
+  does), i.e. activations, gradients and temporaries on top of model + optimizer state.
+  tracemalloc is not used: it only sees Python's allocator, not torch's buffers.
+  On CUDA: torch.cuda.max_memory_allocated() minus the allocation before the step.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--k", type=int, default=20, help="PGD steps (paper: 20)")
+    p.add_argument("--n", type=int, default=10, help="binary-search steps (paper: 10)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per trainer (after 1 warm-up)")
+    p.add_argument("--shape", type=int, nargs=3, default=(16, 64, 64), help="generated case shape z y x")
+    p.add_argument("--cases", type=int, default=6)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--root", default=None, help="work folder (default: a temporary one)")
+    return p.parse_args()
+
+
+class RSSPeak:
+    """Samples this process's resident set size in a thread; ``peak`` in bytes."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @classmethod
+    def rss(cls) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * cls.PAGE
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.0005)
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def measure(fn, device, repeats: int, prepare=None):
+    """(mean wall seconds, mean process CPU seconds, max peak memory increase in bytes) of ``fn()``;
+    ``prepare()`` runs before each call, outside the measurement."""
+    import torch
+
+    walls, cpus, peaks = [], [], []
+    for _ in range(repeats):
+        if prepare:
+            prepare()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            base = RSSPeak.rss()
+            with RSSPeak() as s:
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+            peaks.append(s.peak - base)
+    return sum(walls) / len(walls), sum(cpus) / len(cpus), max(peaks)
+
+
+class WorstCasePredicate:
+    """Computes the real Dice, then answers: first call after ``reset()`` (the clean batch) ->
+    all correct; every later call (inside BPGD) -> all wrong."""
+
+    def __init__(self, real):
+        self.real, self.threshold, self._clean = real, real.threshold, True
+
+    def reset(self):
+        self._clean = True
+
+    def __call__(self, output, y):
+        import torch
+
+        dice_ok = self.real(output, y)
+        verdict = torch.full_like(dice_ok, self._clean)
+        self._clean = False
+        return verdict
+
+
+def main():
+    args = parse_args()
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.environ.update(MALLOC_ENV)  # glibc reads these at start-up: run again with them
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="bench_trainers_"))
+    from nnunet_ima.nnunet_data import nnunet_env, plan_and_preprocess, synthetic_shapes, write_raw_dataset
+
+    env = nnunet_env(root)
+    env.update(nnUNet_n_proc_DA="0", nnUNet_compile="false", NNUNET_IMA_K=str(args.k), NNUNET_IMA_N=str(args.n))
+    os.environ.update(env)
+    dataset_id = 998
+    plans_file = root / "nnUNet_preprocessed" / "Dataset998_Bench" / "nnUNetPlans.json"
+    if not plans_file.exists():
+        t0 = time.perf_counter()
+        cases = synthetic_shapes(args.cases, shape=tuple(args.shape), seed=1)
+        write_raw_dataset(env["nnUNet_raw"], dataset_id, "Bench", cases, {"background": 0, "outer": 1, "core": 2})
+        plan_and_preprocess(dataset_id, ("2d",), env=env)
+        print(f"dataset: {args.cases} cases {tuple(args.shape)}, planned + preprocessed in "
+              f"{time.perf_counter() - t0:.0f} s")
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ima_trainers import nnUNetTrainerIMA, nnUNetTrainerSAT
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    device = torch.device(args.device)
+
+    def build(cls):
+        plans = load_json(str(plans_file))
+        plans["continue_training"] = False
+        dataset_json = load_json(str(plans_file.with_name("dataset.json")))
+        trainer = cls(plans, "2d", 0, dataset_json, device=device)
+        trainer.on_train_start()
+        trainer.on_train_epoch_start()
+        return trainer
+
+    std, sat, ima = build(nnUNetTrainer), build(nnUNetTrainerSAT), build(nnUNetTrainerIMA)
+    weights = copy.deepcopy(std.network.state_dict())
+    batches = [next(ima.dataloader_train) for _ in range(args.iters + 1)]  # keys: case/slice_k
+    b = batches[0]["data"]
+    print(f"2d patch {tuple(b.shape[2:])}, batch {b.shape[0]}, {sum(p.numel() for p in std.network.parameters())/1e6:.1f} M"
+          f" parameters, K={args.k}, N={args.n}, {torch.get_num_threads()} threads, device {device}")
+
+    def steps(trainer, before=None):
+        trainer.network.load_state_dict(weights)
+        it = iter(batches)
+
+        def prepare():
+            # train_step starts with zero_grad(set_to_none=True); doing it first makes the baseline
+            # "model + optimizer state", without the previous step's gradient buffers
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if before:
+                before()
+
+        prepare()
+        trainer.train_step(next(it))  # warm-up (allocates the optimizer state)
+        return measure(lambda: trainer.train_step(next(it)), device, args.iters, prepare)
+
+    results = {"nnUNetTrainer": steps(std)}
+    results["nnUNetTrainerSAT"] = steps(sat)
+    ima.predicate = WorstCasePredicate(ima.predicate)
+    results["nnUNetTrainerIMA"] = steps(ima, before=ima.predicate.reset)
+
+    # ---- the floor, bare code on the same network and batch
+    net, loss_fn = std.network, std.loss
+    net.load_state_dict(weights)
+    x = batches[0]["data"].to(device)
+    y = [t.to(device) for t in batches[0]["target"]]
+
+    def attack_step():
+        for p in net.parameters():
+            p.requires_grad_(False)
+        net.eval()
+        xa = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss_fn(net(xa), y), xa)
+        with torch.no_grad():
+            step = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            d = xa.detach() + 0.1 * step - x
+            d = d * (1.0 / d.flatten(1).norm(dim=1).clamp(min=1.0)).view(-1, 1, 1, 1)
+            _ = x + d
+        for p in net.parameters():
+            p.requires_grad_(True)
+        net.train()
+
+    def forward():
+        with torch.no_grad():
+            net.eval()
+            net(x)
+            net.train()
+
+    attack_step(), forward()  # warm-up
+    reps = max(args.iters, 3)
+    parts = {"step": results["nnUNetTrainer"], "attack": measure(attack_step, device, reps),
+             "forward": measure(forward, device, reps)}
+    floor = [parts["step"][i] + args.k * parts["attack"][i] + args.n * parts["forward"][i] for i in (0, 1)]
+    m_step = parts["step"][2]
+
+    print(f"\nper iteration (mean of {args.iters}): wall s, process CPU s ({torch.get_num_threads()} threads; less "
+          "disturbed by other load), peak memory increase (max):")
+    for name, (w, c, m) in results.items():
+        print(f"  {name:<18} {w:8.3f} s wall {c:8.3f} s CPU {m / 2**20:8.1f} MiB   "
+              f"(x{w / parts['step'][0]:.2f} wall, x{c / parts['step'][1]:.2f} CPU, x{m / m_step:.2f} memory)")
+    for i, kind in ((0, "wall"), (1, "CPU")):
+        print(f"floor ({kind}): standard step {parts['step'][i]:.3f} s + K={args.k} x attack step "
+              f"{parts['attack'][i]:.3f} s + N={args.n} x forward {parts['forward'][i]:.3f} s = {floor[i]:.3f} s")
+    ratios = [results["nnUNetTrainerIMA"][i] / floor[i] for i in (0, 1)]
+    mem = results["nnUNetTrainerIMA"][2] / m_step
+    print(f"IMA / floor = {ratios[0]:.3f} wall, {ratios[1]:.3f} CPU  (target <= 1.2: "
+          f"{'met' if max(ratios) <= 1.2 else 'NOT met'})")
+    print(f"IMA peak memory increase / standard = {mem:.2f}  (target <= 1.5: {'met' if mem <= 1.5 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
