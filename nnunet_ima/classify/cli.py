@@ -138,9 +138,8 @@ def cmd_run(a) -> int:
                 m = k.removeprefix("suggested_sat_eps_")
                 print(f"{m.upper()} margins: median {v:.4g} (suggested SAT eps, see margins_{m}.png), "
                       f"mean {extra['margins_' + m]['mean']:.4g}")
-        print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - t0:.0f}s): table.txt, results.csv, "
-              f"results.json, accuracy_vs_eps.png, margins_*.png" + (", decision_boundaries.png"
-                                                                       if a.dataset == "moons" else ""))
+        print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - t0:.0f}s): "
+              + ", ".join(extra["files"]) + ", one folder per method (checkpoint.pt, train_log.jsonl)")
     return 0
 
 
@@ -176,6 +175,8 @@ def cmd_eval(a) -> int:
                                   device=a.device, progress=not a.no_progress), **cfg.eval_overrides)
         data = splits.val if a.eval_split == "val" else splits.test
         name = meta["config"]["method"]
+        if name in ("sat", "rand"):  # fixed-eps methods carry their eps in the name, as in the papers
+            name += f"{meta['config']['method_cfg']['eps']:g}"
         name = name if name not in results else f"{name}({path})"
         results[name] = evaluate(model, data, splits.num_classes, ecfg, desc=f"eval {name}")
     print(format_table(results, title=f"{cfg.dataset}, {cfg.preset.norm.upper()} norm"))
