@@ -35,3 +35,14 @@ def test_resnet18_uses_instance_norm_and_one_channel():
 def test_wrn28_4_size():
     n = sum(p.numel() for p in build_model("wrn28_4", 10, (3, 32, 32)).parameters())
     assert 5.8e6 < n < 6.0e6  # WRN-28-4 has about 5.9M parameters
+
+
+def test_classify_imports_nothing_from_nnunet():
+    import subprocess
+    import sys
+
+    code = ("import sys, nnunet_ima.classify.cli, nnunet_ima.classify.experiment; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('nnunetv2', 'batchgenerators', 'nnunet_ima_trainers')]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
