@@ -25,11 +25,7 @@ class Ima(Method):
     uses_margins = True
 
     def __init__(self, cfg: MethodConfig):
-        super().__init__(cfg)
-        if cfg.ima_rule not in RULES:
-            raise ValueError(f"ima_rule must be one of {sorted(RULES)}, got {cfg.ima_rule!r}")
-        if cfg.ima_loss not in ("mean", "beta"):
-            raise ValueError(f"ima_loss must be 'mean' or 'beta', got {cfg.ima_loss!r}")
+        super().__init__(cfg)  # MethodConfig has validated ima_rule, ima_loss, delta > 0
         self.store = MarginStore(cfg.delta, cfg.eps, **RULES[cfg.ima_rule])
 
     def loss(self, model, x, y, ids):
