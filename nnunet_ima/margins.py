@@ -83,6 +83,17 @@ class MarginStore:
         rows = self._rows(ids)  # first: registering new ids replaces self._margins
         return self._margins[rows].to(device=device, dtype=torch.float32)
 
+    def set(self, ids: Sequence, values) -> None:
+        """Set the margins of ``ids`` directly (clipped to [0, eps_max]); e.g. to warm-start a store."""
+        rows = self._rows(ids)
+        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+        if v.numel() != rows.numel():
+            raise ValueError(f"values: expected {rows.numel()} values, got {v.numel()}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("values: margins must be finite")
+        self._margins[rows] = v.clamp(0.0, self.eps_max)
+        self._dirty[rows] = True
+
     # ------------------------------------------------------------------ update
     def update(self, ids: Sequence, clean_correct, noisy_correct, distance, valid=None) -> torch.Tensor:
         """Apply one batch of margin updates; returns the new margins of ``ids`` (B,).
@@ -234,12 +245,18 @@ class MarginStore:
                 s = sums.setdefault(k, [0.0, 0])
                 s[0] += v
                 s[1] += 1
-        all_keys = [k for _, _, ks in gathered for k in ks]
-        self._rows(list(dict.fromkeys(all_keys)))
+        # one key order on every rank (rank 0's keys, then new keys of rank 1, ...), so that the raw
+        # arrays and state_dict() are identical too, not only the margin of every id
+        order = list(dict.fromkeys(k for _, _, ks in gathered for k in ks))
+        self._rows(order)
         if sums:
             rows = torch.tensor([self._index[k] for k in sums], dtype=torch.long)
             self._margins[rows] = torch.tensor([s / n for s, n in sums.values()], dtype=torch.float64)
-        self._dirty.zero_()
+        perm = torch.tensor([self._index[k] for k in order], dtype=torch.long)
+        self._keys = order
+        self._index = {k: i for i, k in enumerate(order)}
+        self._margins = self._margins[perm]
+        self._dirty = torch.zeros(len(order), dtype=torch.bool)
 
 
 def _norm_key(key):

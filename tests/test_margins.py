@@ -227,7 +227,9 @@ def _merge_worker(rank, world, port, out_dir):
             store.update([3], [T], [T], [0.0])                                  # 1.5
         store.merge()
         second = dict(zip(store.keys(), store.margins.tolist()))
-        torch.save({"first": first, "second": second}, os.path.join(out_dir, f"rank{rank}.pt"))
+        state = store.state_dict()
+        torch.save({"first": first, "second": second, "keys": state["keys"], "raw": state["margins"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -246,3 +248,14 @@ def test_merge_two_process_gloo(tmp_path):
     assert r0["first"] == r1["first"]
     expected[3] = 1.5
     assert r0["second"] == r1["second"] == pytest.approx(expected)
+    # one key order on both ranks: the raw arrays (and so the checkpoints) are identical too
+    assert r0["keys"] == r1["keys"]
+    assert torch.equal(r0["raw"], r1["raw"])
+
+
+def test_set_clips_and_registers():
+    store = MarginStore(delta=0.5, eps_max=3.0)
+    store.set(["x", 7], [5.0, 1.25])
+    assert store.get(["x", 7]).tolist() == [3.0, 1.25]
+    with pytest.raises(ValueError, match="values"):
+        store.set(["x"], [1.0, 2.0])
