@@ -30,3 +30,33 @@ def test_readme_python_example_runs():
     assert m, "README needs a '## Python API' section with a python example"
     namespace = {}
     exec(compile(m.group(1), "README.md", "exec"), namespace)
+
+
+def _readme_commands(prefix):
+    readme = (ROOT / "README.md").read_text()
+    cmds = []
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", readme, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(prefix):
+                cmds.append(line)
+    return cmds
+
+
+def test_readme_attack_and_classify_commands_parse():
+    """Every nnunet-ima-attack / classify command shown in README is accepted by the real parser
+    (full runs of both are covered by the end-to-end tests and the README workflow test)."""
+    import shlex
+
+    from nnunet_ima.classify.cli import build_parser as classify_parser
+    from nnunet_ima_eval.cli import build_parser as attack_parser
+
+    attack = _readme_commands("nnunet-ima-attack")
+    classify = [c.replace("torchrun --nproc_per_node 2 -m", "python -m") for c in
+                _readme_commands("python -m nnunet_ima.classify") + _readme_commands("torchrun")]
+    assert attack and classify
+    for cmd in attack:
+        args = attack_parser().parse_args(shlex.split(cmd.replace("$DEVICE", "cpu"))[1:])
+        assert args.eps and args.attacks
+    for cmd in classify:
+        classify_parser().parse_args(shlex.split(cmd)[3:])
