@@ -1,0 +1,175 @@
+"""Trainers built in this process on the tiny planned dataset: sample keys, the shared step, the
+IMA batch, checkpoints. (The real ``nnUNetv2_train`` runs are in test_trainers_e2e.py.)"""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunet_ima import MarginStore
+from nnunet_ima_trainers import SampleKeyDataLoader, nnUNetTrainerIMA, nnUNetTrainerSAT, nnUNetTrainerSTD, slice_key
+from nnunet_ima_trainers.adversarial import margin_digest
+
+SHORT = {"NNUNET_IMA_EPOCHS": "1", "NNUNET_IMA_ITERS": "2", "NNUNET_IMA_VAL_ITERS": "1", "NNUNET_IMA_K": "2",
+         "NNUNET_IMA_N": "2", "NNUNET_IMA_DICE_THRESHOLD": "0.01"}
+
+
+@pytest.fixture
+def tiny_env(nnunet_environ, monkeypatch, tmp_path):
+    """The tiny dataset, results in this test's own folder, a short IMA schedule."""
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    for k, v in SHORT.items():
+        monkeypatch.setenv(k, v)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is faster, and 2 cores are shared
+    yield nnunet_environ
+    torch.set_num_threads(threads)
+
+
+def make_trainer(tiny, cls, configuration="2d"):
+    plans = load_json(str(tiny.preprocessed / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    dataset_json = load_json(str(tiny.preprocessed / "dataset.json"))
+    torch.manual_seed(0)
+    return cls(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
+
+
+def keyed_loader(trainer, case="case_000", batch_size=8):
+    """A SampleKeyDataLoader over one case, without augmentation (deep-supervision targets only)."""
+    trainer.dataset_class = None
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    folder = trainer.preprocessed_dataset_folder
+    dataset = infer_dataset_class(folder)(folder, [case])
+    transforms = trainer.get_validation_transforms(trainer._get_deep_supervision_scales())
+    patch = trainer.configuration_manager.patch_size
+    loader = SampleKeyDataLoader(dataset, batch_size, patch, patch, trainer.label_manager,
+                                 oversample_foreground_percent=1.0, transforms=transforms)
+    return loader, dataset
+
+
+def test_2d_keys_name_the_slice_that_was_drawn(tiny_env):
+    trainer = make_trainer(tiny_env, nnUNetTrainerIMA)
+    loader, dataset = keyed_loader(trainer)
+    data, seg, _, _ = dataset.load_case("case_000")
+    batch = next(loader)
+    for key, x, y, lbs in zip(batch["keys"], batch["data"], batch["target"][0], loader._drawn):
+        m = re.fullmatch(r"case_000/slice_(\d+)", key)
+        assert m, key
+        k = int(m[1])  # the sample is nnU-Net's crop of slice k (foreground patches may be shifted, zero-padded)
+        assert lbs[0] == k
+        bbox = [[lb, lb + p] for lb, p in zip(lbs, loader.patch_size)]
+        assert torch.equal(x, torch.from_numpy(crop_and_pad_nd(data, bbox, 0)[:, 0]).float())
+        assert torch.equal(y.long(), torch.from_numpy(crop_and_pad_nd(seg, bbox, -1)[:, 0]).long().clamp(min=0))
+        assert torch.equal(x, torch.from_numpy(data[:, k]).float()) == (lbs[1:] == [0, 0])  # whole slice iff unshifted
+
+
+def test_3d_keys_are_case_ids(tiny_env):
+    trainer = make_trainer(tiny_env, nnUNetTrainerIMA, "3d_fullres")
+    loader, _ = keyed_loader(trainer, batch_size=2)
+    assert list(next(loader)["keys"]) == ["case_000", "case_000"]
+
+
+def test_two_slices_of_one_case_get_two_margins(tiny_env):
+    trainer = make_trainer(tiny_env, nnUNetTrainerIMA)
+    trainer.initialize()
+    loader, _ = keyed_loader(trainer)
+    batch = next(loader)
+    keys = list(batch["keys"])
+    a = 0
+    b = next(i for i, k in enumerate(keys) if k != keys[a])
+    data = batch["data"][[a, b]]
+    target = [t[[a, b]] for t in batch["target"]]
+    gt = target[0][:, 0].long()
+    clean = 10.0 * F.one_hot(gt, 3).permute(0, 3, 1, 2).float()
+    clean[1] = 0
+    clean[1, 0] = 10.0  # sample b: everything background -> Dice 0 -> clean wrong; sample a: perfect
+    noisy = trainer.make_adversarial_batch(data, target, [keys[a], keys[b]], clean)
+    delta = trainer.ima_config.delta
+    m_a, m_b = trainer.margins.get([keys[a], keys[b]]).tolist()
+    assert len(trainer.margins) == 2 and m_a != m_b
+    assert m_b == pytest.approx(delta / 2)  # clean wrong: shrink with distance 0 (segmentation rule)
+    assert torch.equal(noisy[1], data[1])  # L1 = L0 for the wrongly segmented sample
+    assert trainer.epoch_stats["attacked"] == 1
+
+
+@pytest.mark.parametrize("cls", [nnUNetTrainerSTD, nnUNetTrainerIMA])
+def test_shared_step_equals_nnunet_step(tiny_env, cls):
+    """STD's step is nnU-Net's; so is IMA's when no sample is segmented correctly (L1 = L0 for all)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer = make_trainer(tiny_env, cls)
+    trainer.on_train_start()
+    if cls is nnUNetTrainerIMA:
+        trainer.predicate = lambda output, y: torch.zeros(output.shape[0], dtype=torch.bool)
+    batch = next(trainer.dataloader_train)
+    net, opt = copy.deepcopy(trainer.network.state_dict()), copy.deepcopy(trainer.optimizer.state_dict())
+    ours = trainer.train_step(batch)
+    ours_w = [p.detach().clone() for p in trainer.network.parameters()]
+    trainer.network.load_state_dict(net)
+    trainer.optimizer.load_state_dict(opt)
+    ref = nnUNetTrainer.train_step(trainer, batch)
+    assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    for p, q in zip(ours_w, trainer.network.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert trainer.num_epochs == 1 and trainer.num_iterations_per_epoch == 2  # NNUNET_IMA_* schedule honoured
+
+
+@pytest.mark.parametrize("cls", [nnUNetTrainerIMA, nnUNetTrainerSAT])
+def test_adversarial_step_and_exact_checkpoint_roundtrip(tiny_env, cls, tmp_path):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer = make_trainer(tiny_env, cls)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    losses = [float(trainer.train_step(next(trainer.dataloader_train))["loss"]) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    path = str(tmp_path / "ckpt.pth")
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # plain tensors / strings only
+    ref_path = str(tmp_path / "nnunet.pth")
+    nnUNetTrainer.save_checkpoint(trainer, ref_path)  # nnU-Net's own writer: we add keys, drop none
+    extra = {"ima_margins"} if cls is nnUNetTrainerIMA else set()
+    assert set(ckpt) == set(torch.load(ref_path, weights_only=False)) | extra
+
+    restored = make_trainer(tiny_env, cls)
+    restored.load_checkpoint(path)
+    for p, q in zip(trainer.network.parameters(), restored.network.parameters()):
+        assert torch.equal(p, q)
+    assert restored.current_epoch == trainer.current_epoch + 1
+    if cls is nnUNetTrainerIMA:
+        assert len(trainer.margins) > 0 and all("/slice_" in k for k in trainer.margins.keys())
+        assert restored.margins.keys() == trainer.margins.keys()
+        assert torch.equal(restored.margins.margins, trainer.margins.margins)
+        assert margin_digest(restored.margins) == margin_digest(MarginStore.from_state_dict(ckpt["ima_margins"]))
+
+
+def test_margin_keys_helper():
+    assert slice_key("case_007", 3) == "case_007/slice_3"
+
+
+def test_margins_merged_across_ranks_at_epoch_end(tiny_env, tmp_path):
+    """Under DDP every rank merges its margins at the end of each training epoch (gloo, 1 rank here:
+    nnU-Net's own DDP is CUDA-only)."""
+    import numpy as np
+    import torch.distributed as dist
+
+    trainer = make_trainer(tiny_env, nnUNetTrainerIMA)
+    trainer.initialize()
+    trainer.margins.update(["case_000/slice_1", "case_000/slice_2"], [True, False], [True, True], [0.0, 0.0])
+    before = trainer.margins.margins
+    assert trainer.margins.state_dict()["dirty"].all()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        trainer.is_ddp = True
+        trainer.on_train_epoch_end([{"loss": np.array(0.5)}])
+    finally:
+        trainer.is_ddp = False
+        dist.destroy_process_group()
+    assert not trainer.margins.state_dict()["dirty"].any()  # merged
+    assert torch.equal(trainer.margins.margins, before)
