@@ -22,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "and report ADI, TVDI and per-case 3D Dice per noise level (Ma & Liang, IMA).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-d", dest="dataset", required=True, help="dataset name or id (as for nnUNetv2_predict)")
-    p.add_argument("-c", dest="configuration", default="2d", help="configuration: 2d (the papers') or 3d_fullres/3d_lowres")
-    p.add_argument("-f", dest="fold", default="0", help="fold (an integer or 'all'); its validation cases are the test set")
+    p.add_argument("-c", dest="configuration", default="2d",
+                   help="configuration: 2d (the papers') or 3d_fullres / 3d_lowres")
+    p.add_argument("-f", dest="fold", default="0",
+                   help="fold (an integer or 'all'); its validation cases are the test set")
     p.add_argument("-tr", dest="trainers", nargs="+", default=["nnUNetTrainer"],
                    help="one or more trainers to compare (rows of the table)")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")

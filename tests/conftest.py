@@ -57,8 +57,9 @@ EVAL_TRAINER = "nnUNetTrainer_evalTiny"
 @pytest.fixture(scope="session")
 def tiny_trained_2d(nnunet_tiny) -> NnunetTiny:
     """A standard nnU-Net model trained with the real ``nnUNetv2_train 999 2d 0 -tr nnUNetTrainer_evalTiny
-    -device cpu`` (tests/ext_trainers: a few short epochs, about a minute on 2 cores). The model lands in
-    the tiny dataset's nnUNet_results; ``env`` of the returned object includes nnUNet_extTrainer."""
+    -device cpu`` (tests/ext_trainers: 5 epochs x 25 iterations, 20-90 s on 2 cores depending on load).
+    The model lands in the tiny dataset's nnUNet_results; ``env`` of the returned object includes
+    nnUNet_extTrainer."""
     import subprocess
 
     from nnunet_ima.nnunet_data import nnunet_command

@@ -27,7 +27,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import EVAL_EXT_TRAINERS, EVAL_TRAINER, TINY_ID
+from conftest import EVAL_TRAINER, TINY_ID
+
+pytestmark = pytest.mark.slow
 
 ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
             "nnUNet_def_n_proc", "nnUNet_extTrainer")

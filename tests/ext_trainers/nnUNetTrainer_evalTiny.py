@@ -16,8 +16,8 @@ class nnUNetTrainer_evalTiny(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
-        self.num_iterations_per_epoch = 20
+        self.num_epochs = 5
+        self.num_iterations_per_epoch = 25
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1000
 
