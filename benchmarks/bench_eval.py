@@ -81,11 +81,14 @@ def main(argv=None):
     p.add_argument("--attack", choices=["pgd", "ifgsm"], default="pgd")
     p.add_argument("--eps", type=float, default=2.0)
     p.add_argument("--repeats", type=int, default=1, help="best of N timings per mode")
+    p.add_argument("--shape", type=int, nargs=2, default=[56, 40], metavar=("H", "W"),
+                   help="slice size (multiples of 8); 56 40 = Hippocampus, 32 32 = the tests' tiny data")
     args = p.parse_args(argv)
 
-    model = model_like(network())
-    data = cases(args.slices)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.slices} slices of 56x40, "
+    model = model_like(network(), tuple(args.shape))
+    data = cases(args.slices, tuple(args.shape))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.slices} slices of "
+          f"{args.shape[0]}x{args.shape[1]}, "
           f"nnU-Net PlainConvUNet 2d (4 stages, 32..256 features), {args.attack.upper()}-{args.steps} L2 eps={args.eps}")
     batched, batched_cpu = measure(model, data, args.attack, args.steps, args.batch_size, args.eps, args.repeats)
     single, single_cpu = measure(model, data, args.attack, args.steps, 1, args.eps, args.repeats)

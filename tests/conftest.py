@@ -33,6 +33,7 @@ def nnunet_tiny(tmp_path_factory) -> NnunetTiny:
     env = nnunet_env(root)
     env["nnUNet_n_proc_DA"] = "0"  # single-threaded data loading: deterministic and light on 2 cores
     env["nnUNet_compile"] = "false"
+    env["nnUNet_def_n_proc"] = "1"  # nnU-Net's export pools spawn 8 processes by default: slow on 2 cores
     cases = synthetic_shapes(8, shape=(8, 32, 32), seed=0)
     train = dict(list(cases.items())[:6])
     test = dict(list(cases.items())[6:])
@@ -44,7 +45,8 @@ def nnunet_tiny(tmp_path_factory) -> NnunetTiny:
 @pytest.fixture
 def nnunet_environ(nnunet_tiny, monkeypatch):
     """Put the tiny dataset's nnUNet_* variables into os.environ for in-process nnU-Net calls."""
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile"):
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
+              "nnUNet_def_n_proc"):
         monkeypatch.setenv(k, nnunet_tiny.env[k])
     return nnunet_tiny
 
