@@ -1,0 +1,44 @@
+"""The main job, reduced in size: ``nnunet-ima demo`` from nothing to a filled robustness table."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunet_ima.demo import TRAINERS
+from nnunet_ima.nnunet_data import nnunet_command
+
+EPS = [0.0, 1.0, 8.0]
+
+
+@pytest.mark.slow
+def test_demo_reduced_fills_the_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "NNUNET_IMA_"))}
+    env["nnUNet_n_proc_DA"] = "0"
+    cmd = nnunet_command("nnunet-ima") + [
+        "demo", "--workdir", str(tmp_path / "work"), "--resolution", "6", "--slab", "2", "--epochs-std", "2",
+        "--epochs-adv", "1", "--iters", "2", "--val-iters", "1", "--k", "2", "--n", "2",
+        "--eps", *map(str, EPS), "--pgd-steps", "3", "--features", "4", "8", "16", "--batch-size", "4"]
+    run = subprocess.run(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:]
+    work = tmp_path / "work"
+    # nnU-Net's own folders were used, under the working folder the demo names
+    assert (work / "nnUNet_raw" / "Dataset990_MNIBrain" / "dataset.json").exists()
+    for trainer in TRAINERS:
+        assert (work / "nnUNet_results" / "Dataset990_MNIBrain" / f"{trainer}__nnUNetPlansDemo__2d" / "fold_0" /
+                "checkpoint_final.pth").exists()
+    rows = list(csv.DictReader(open(work / "demo_robustness" / "results.csv")))
+    mean = {(r["model"], r["attack"], float(r["eps"])): r for r in rows if r["class"] == "mean"}
+    for trainer in TRAINERS:
+        for attack in ("pgd", "ifgsm"):
+            for eps in EPS:
+                r = mean[(trainer, attack, eps)]
+                for metric in ("adi", "tvdi"):
+                    assert 0.0 <= float(r[metric]) <= 1.0, (trainer, attack, eps, metric, r[metric])
+    # the printed table names every model, and the demo says where its outputs are
+    for trainer in TRAINERS:
+        assert trainer in run.stdout
+    assert "demo_robustness" in run.stdout
