@@ -25,6 +25,17 @@ class NnunetTiny:
         self.results = Path(env["nnUNet_results"])
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def nnunet_tiny(tmp_path_factory) -> NnunetTiny:
     from nnunet_ima.nnunet_data import nnunet_env, plan_and_preprocess, synthetic_shapes, write_raw_dataset

@@ -8,13 +8,7 @@ import torch.nn.functional as F
 from nnunet_ima import DicePredicate, argmax_correct, bpgd, per_sample_dice, pgd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def logits_of(pred: torch.Tensor, c: int = 3) -> torch.Tensor:
