@@ -55,6 +55,13 @@ class nnUNetTrainerIMA(_AdversarialTrainer):
     margin update. Margins are keyed by :mod:`nnunet_ima_trainers.data`'s sample ids, merged across
     DDP ranks every epoch, saved in every checkpoint (key ``ima_margins``), logged per epoch and
     plotted to ``margins.png`` next to ``progress.png``.
+
+    When a margin grows (setting ``expand_rule``): ``"prediction"`` (default, Algorithm 1 line 13)
+    reads g(z~) = y off the noisy forward that the step trains on, so the update happens in
+    :meth:`after_noisy_forward`; ``"no_crossing"`` grows it exactly when BPGD found no crossing.
+    The two differ only for crossed samples whose returned x~ (the midpoint of the last binary-search
+    bracket, Algorithm 3) is still segmented correctly: the paper's rule grows those margins, the
+    other shrinks them, so it tracks the boundary from below.
     """
 
     margins: MarginStore
@@ -65,6 +72,7 @@ class nnUNetTrainerIMA(_AdversarialTrainer):
         self.margins = MarginStore(self.ima_config.delta, self.ima_config.eps_max)
         self.predicate = DicePredicate(self.ima_config.dice_threshold, ignore_label=self.label_manager.ignore_label)
         self.epoch_stats = _zero_stats()
+        self._pending = None
 
     def make_adversarial_batch(self, data, target, keys, clean_output):
         cfg = self.ima_config
@@ -87,14 +95,28 @@ class nnUNetTrainerIMA(_AdversarialTrainer):
             x_adv = torch.where(ok.view(-1, *[1] * (data.dim() - 1)), x_adv, data[idx])
             noisy = data.clone()
             noisy[idx] = x_adv.to(data.dtype)
-            noisy_correct[idx] = ~res.crossed.cpu()
+            noisy_correct[idx] = ~res.crossed.cpu()  # replaced by g(z~) = y under the paper's rule
             distance[idx] = res.distance.detach().double().cpu()
             valid[idx] = ok.cpu()
             self.epoch_stats["crossed"] += int((res.crossed & ok).sum())
-        self.margins.update(keys, correct, noisy_correct, distance, valid)
+        if noisy is None:
+            self.margins.update(keys, correct, noisy_correct, distance, valid)
+        else:  # Algorithm 1 updates after the noisy forward (line 13): see after_noisy_forward
+            self._pending = (keys, correct, noisy_correct, distance, valid, idx)
         self.epoch_stats["samples"] += b
         self.epoch_stats["attacked"] += int(idx.numel())
         return noisy
+
+    def after_noisy_forward(self, noisy_output, target) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        keys, correct, noisy_correct, distance, valid, idx = pending
+        if self.ima_config.expand_rule == "prediction" and idx.numel():
+            y = target[0] if isinstance(target, list) else target
+            noisy_correct[idx] = self.predicate(noisy_output[idx.to(noisy_output.device)],
+                                                y[idx.to(y.device)]).cpu()
+        self.margins.update(keys, correct, noisy_correct, distance, valid)
 
     # ------------------------------------------------------------------ reporting
     def on_train_epoch_start(self):

@@ -5,7 +5,7 @@ The optimisation step (:meth:`nnUNetTrainerSTD.train_step`) is written once:
 
     clean forward -> L0 -> backward(L0 * w)            (w = 1/2 for adversarial trainers, else 1)
     x~ = make_adversarial_batch(x, y, keys, clean)     (the one seam; STD makes none)
-    noisy forward -> L1 -> backward(L1 / 2)
+    noisy forward -> L1 -> after_noisy_forward(z~, y) -> backward(L1 / 2)
     clip the gradient norm at 12 -> optimizer step     (GradScaler + autocast on CUDA, as nnU-Net)
 
 so the loss is (L0 + L1) / 2 (Algorithm 1). Backpropagating L0 before the attack frees the clean
@@ -89,11 +89,19 @@ class nnUNetTrainerSTD(nnUNetTrainer):
                         p.grad.mul_(2.0)
             else:
                 with self.autocast():
-                    loss_noisy = self.loss(self.network(noisy), target)
+                    noisy_output = self.network(noisy)
+                    loss_noisy = self.loss(noisy_output, target)
+                self.after_noisy_forward(
+                    (noisy_output[0] if isinstance(noisy_output, (list, tuple)) else noisy_output).detach(), target)
+                del noisy_output
                 self._backward(loss_noisy * weight)
                 loss = (loss.detach() + loss_noisy.detach()) / 2
         self._optimizer_step()
         return {"loss": loss.detach().cpu().numpy()}
+
+    def after_noisy_forward(self, noisy_output: torch.Tensor, target) -> None:
+        """Called after the noisy forward with its detached full-resolution logits (B, C, *S), before
+        the backward pass (IMA reads g(z~) of Algorithm 1 line 13 from them)."""
 
     def make_adversarial_batch(self, data: torch.Tensor, target, keys, clean_output: torch.Tensor):
         """The seam. Return the noisy batch (same shape as ``data``; rows that should count with

@@ -8,7 +8,7 @@
 4. the defaults below: the paper's (section 3.5) for Heart / Hippocampus / Prostate 2d, otherwise
    the generic rule of :func:`generic_eps_max`.
 
-Keys: eps_max, delta, k, n, dice_threshold, norm, sat_eps, epochs, iters, val_iters.
+Keys: eps_max, delta, k, n, dice_threshold, norm, expand_rule, sat_eps, epochs, iters, val_iters.
 
 >>> cfg = load_config("Dataset004_Hippocampus", patch_elements=56 * 40, is_2d=True, environ={})
 >>> cfg.delta, cfg.eps_max, cfg.k, cfg.n
@@ -50,6 +50,7 @@ class IMAConfig:
     n: int = 10                    # binary-search steps of BPGD
     dice_threshold: float = 0.6    # a sample is "correct" when its foreground Dice >= this (section 3.5)
     norm: str = "l2"               # attack norm over the whole input patch: "l2" (paper) or "linf"
+    expand_rule: str = "prediction"  # when a margin grows: "prediction" (Algorithm 1 line 13) or "no_crossing"
     sat_eps: float = 0.0           # nnUNetTrainerSAT's fixed eps; default eps_max (the shared upper bound, 3.1)
     epochs: int | None = None      # None: the trainer class / nnU-Net default
     iters: int | None = None       # training iterations per epoch
@@ -66,7 +67,8 @@ class IMAConfig:
 
 KEYS = tuple(f.name for f in fields(IMAConfig) if f.name != "sources")
 _INT_KEYS = {"k", "n", "epochs", "iters", "val_iters"}
-_STR_KEYS = {"norm"}
+_STR_KEYS = {"norm", "expand_rule"}
+EXPAND_RULES = ("prediction", "no_crossing")
 
 
 def env_name(key: str) -> str:
@@ -184,6 +186,8 @@ def _validate(cfg: IMAConfig, errors: list[str]) -> None:
         errors.append(f"dice_threshold must be in (0, 1), got {cfg.dice_threshold} {src('dice_threshold')}")
     if cfg.norm not in NORMS:
         errors.append(f"unknown norm {cfg.norm!r} {src('norm')}, known norms: {sorted(NORMS)}")
+    if cfg.expand_rule not in EXPAND_RULES:
+        errors.append(f"unknown expand_rule {cfg.expand_rule!r} {src('expand_rule')}, known: {list(EXPAND_RULES)}")
     if not derived("sat_eps") and not (math.isfinite(cfg.sat_eps) and cfg.sat_eps > 0):
         errors.append(f"sat_eps must be > 0, got {cfg.sat_eps} {src('sat_eps')}")
     for key in ("k", "n", "epochs", "iters", "val_iters"):

@@ -90,12 +90,43 @@ def test_two_slices_of_one_case_get_two_margins(tiny_env):
     clean[1] = 0
     clean[1, 0] = 10.0  # sample b: everything background -> Dice 0 -> clean wrong; sample a: perfect
     noisy = trainer.make_adversarial_batch(data, target, [keys[a], keys[b]], clean)
+    trainer.after_noisy_forward(clean, target)  # noisy output = clean output: a still correct
     delta = trainer.ima_config.delta
     m_a, m_b = trainer.margins.get([keys[a], keys[b]]).tolist()
-    assert len(trainer.margins) == 2 and m_a != m_b
+    assert len(trainer.margins) == 2
+    assert m_a == pytest.approx(2 * delta)  # clean and noisy correct: expand
     assert m_b == pytest.approx(delta / 2)  # clean wrong: shrink with distance 0 (segmentation rule)
     assert torch.equal(noisy[1], data[1])  # L1 = L0 for the wrongly segmented sample
     assert trainer.epoch_stats["attacked"] == 1
+
+
+@pytest.mark.parametrize("rule", ["prediction", "no_crossing"])
+def test_margin_update_follows_the_expand_rule(tiny_env, monkeypatch, rule):
+    """Algorithm 1 line 13 ("prediction"): the margin grows when the noisy forward is still correct,
+    whatever BPGD reported; "no_crossing" reads BPGD's crossing flag and ignores the noisy forward."""
+    from nnunet_ima.bpgd import BPGDResult
+
+    monkeypatch.setenv("NNUNET_IMA_EXPAND_RULE", rule)
+    trainer = make_trainer(tiny_env, nnUNetTrainerIMA)
+    trainer.initialize()
+    batch = next(keyed_loader(trainer)[0])
+    keys = list(batch["keys"])
+    b = next(i for i, k in enumerate(keys) if k != keys[0])
+    data, target = batch["data"][[0, b]], [t[[0, b]] for t in batch["target"]]
+    perfect = 10.0 * F.one_hot(target[0][:, 0].long(), 3).permute(0, 3, 1, 2).float()
+    fake = BPGDResult(data + 0.1, torch.tensor([True, False]), torch.tensor([0.3, 0.4]), torch.tensor([True, True]))
+    monkeypatch.setattr("nnunet_ima_trainers.adversarial.bpgd", lambda *a, **k: fake)
+    ids = [keys[0], keys[b]]
+    delta = trainer.ima_config.delta
+    trainer.make_adversarial_batch(data, target, ids, perfect)  # both clean-correct: both attacked
+    assert trainer.margins.get(ids).tolist() == pytest.approx([delta, delta])  # no update before the noisy forward
+    noisy_output = perfect.clone()
+    noisy_output[1] = 0
+    noisy_output[1, 0] = 10.0  # the noisy forward: sample 0 still correct, sample 1 all background (wrong)
+    trainer.after_noisy_forward(noisy_output, target)
+    grown, shrunk = 2 * delta, [(0.3 + delta) / 2, (0.4 + delta) / 2]
+    expected = [grown, shrunk[1]] if rule == "prediction" else [shrunk[0], grown]
+    assert trainer.margins.get(ids).tolist() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerSTD, nnUNetTrainerIMA])
