@@ -42,3 +42,33 @@ def test_demo_reduced_fills_the_table(tmp_path):
     for trainer in TRAINERS:
         assert trainer in run.stdout
     assert "demo_robustness" in run.stdout
+
+
+def _results(path: Path, adi: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["model", "attack", "eps", "class", "adi"])
+        w.writeheader()
+        for (model, eps), value in adi.items():
+            w.writerow({"model": model, "attack": "pgd", "eps": eps, "class": "mean", "adi": value})
+            w.writerow({"model": model, "attack": "pgd", "eps": eps, "class": "grey_matter", "adi": 0.0})
+    return path
+
+
+@pytest.mark.parametrize("ima_mid,ima_clean,shows", [
+    ((0.64, 0.55), 0.69, True),     # above STD at eps 2 and 5, clean within 0.05
+    ((0.60, 0.55), 0.69, False),    # below STD at eps 2
+    ((0.64, 0.55), 0.62, False),    # robust, but clean Dice 0.08 below STD
+    ((0.64, 0.55), 0.80, True),     # clean Dice above STD's counts as close (the paper sees this too)
+])
+def test_verdict_judges_the_table_honestly(tmp_path, capsys, ima_mid, ima_clean, shows):
+    from nnunet_ima.demo import verdict
+
+    std, ima = TRAINERS[0], TRAINERS[2]
+    adi = {(std, 0.0): 0.70, (std, 2.0): 0.62, (std, 5.0): 0.52, (std, 10.0): 0.37,
+           (ima, 0.0): ima_clean, (ima, 2.0): ima_mid[0], (ima, 5.0): ima_mid[1], (ima, 10.0): 0.10}
+    verdict(_results(tmp_path, adi), [0.0, 2.0, 5.0, 10.0])
+    out = capsys.readouterr().out
+    assert "PGD eps=2: ADI STD 0.620 vs IMA" in out and "PGD eps=5:" in out and "eps=10:" not in out
+    assert ("shows the paper's effect" in out) == shows
+    assert ("does NOT show the paper's effect" in out) == (not shows)
