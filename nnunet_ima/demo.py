@@ -181,8 +181,8 @@ def run(args: argparse.Namespace) -> int:
         std = trainer == TRAINERS[0]
         tenv = dict(env, **common, NNUNET_IMA_EPOCHS=str(sched["epochs_std"] if std else sched["epochs_adv"]))
         cmd = train + [str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", args.device]
-        if not std:
-            cmd += ["-pretrained_weights", str(std_ckpt)]
+        if not std:  # the papers' time saver: start from the whole standard model (nnU-Net's
+            tenv["NNUNET_IMA_INIT_WEIGHTS"] = str(std_ckpt)  # -pretrained_weights would drop its output heads)
         _say(f"training {trainer}")
         _stream(cmd, tenv, logdir / f"train_{trainer}.log")
 

@@ -25,7 +25,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from .config import IMAConfig, load_config
+from .config import ConfigError, IMAConfig, load_config
 from .data import sample_key_loader
 
 
@@ -59,6 +59,32 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {0: None})))
         return load_config(plans_manager.dataset_name, int(np.prod(patch)) * channels, len(patch) == 2,
                            trainer_defaults={"epochs": cls.epochs, "iters": cls.iterations})
+
+    def initialize(self):
+        super().initialize()
+        if self.ima_config.init_weights:
+            self.load_init_weights(self.ima_config.init_weights)
+
+    def load_init_weights(self, path: str) -> None:
+        """Start from every weight of an nnU-Net checkpoint of the same network (setting
+        ``init_weights``), segmentation heads included: the papers start SAT and IMA from the trained
+        standard model. (nnU-Net's ``-pretrained_weights`` skips the heads, as it is meant for
+        transfer between datasets; a run continued with ``--c`` loads its own checkpoint after this.)"""
+        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        module = self._module()
+        own = module.state_dict()
+        weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v
+                   for k, v in checkpoint["network_weights"].items()}
+        problems = sorted(set(own) ^ set(weights)) + [
+            k for k in own if k in weights and own[k].shape != weights[k].shape]
+        if problems:
+            raise ConfigError(f"init_weights={path}: not a checkpoint of this network (same plans and configuration "
+                              f"needed; {len(problems)} mismatched weights, e.g. {problems[:3]}). To transfer between "
+                              "datasets use nnU-Net's -pretrained_weights instead")
+        module.load_state_dict(weights)
+        self.print_to_log_file(f"initialised every weight (segmentation heads included) from {path} "
+                               f"(trainer {checkpoint.get('trainer_name', '?')}, epoch {checkpoint.get('current_epoch', '?')})",
+                               also_print_to_console=True)
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):

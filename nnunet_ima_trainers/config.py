@@ -8,7 +8,7 @@
 4. the defaults below: the paper's (section 3.5) for Heart / Hippocampus / Prostate 2d, otherwise
    the generic rule of :func:`generic_eps_max`.
 
-Keys: eps_max, delta, k, n, dice_threshold, norm, expand_rule, sat_eps, epochs, iters, val_iters.
+Keys: eps_max, delta, k, n, dice_threshold, norm, expand_rule, sat_eps, epochs, iters, val_iters, init_weights.
 
 >>> cfg = load_config("Dataset004_Hippocampus", patch_elements=56 * 40, is_2d=True, environ={})
 >>> cfg.delta, cfg.eps_max, cfg.k, cfg.n
@@ -55,6 +55,7 @@ class IMAConfig:
     epochs: int | None = None      # None: the trainer class / nnU-Net default
     iters: int | None = None       # training iterations per epoch
     val_iters: int | None = None   # validation iterations per epoch
+    init_weights: str | None = None  # nnU-Net checkpoint to start from, every weight (segmentation heads too)
     sources: dict = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
@@ -68,6 +69,7 @@ class IMAConfig:
 KEYS = tuple(f.name for f in fields(IMAConfig) if f.name != "sources")
 _INT_KEYS = {"k", "n", "epochs", "iters", "val_iters"}
 _STR_KEYS = {"norm", "expand_rule"}
+_PATH_KEYS = {"init_weights"}
 EXPAND_RULES = ("prediction", "no_crossing")
 
 
@@ -151,6 +153,10 @@ def _parse(key: str, raw, where: str, errors: list[str]):
     try:
         if key in _STR_KEYS:
             return str(raw).strip().lower()
+        if key in _PATH_KEYS:
+            if not isinstance(raw, str):
+                raise ValueError
+            return os.path.abspath(os.path.expanduser(raw.strip()))
         if key in _INT_KEYS:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
@@ -159,7 +165,7 @@ def _parse(key: str, raw, where: str, errors: list[str]):
             raise ValueError
         return float(raw)
     except (TypeError, ValueError):
-        kind = "a string" if key in _STR_KEYS else "an integer" if key in _INT_KEYS else "a number"
+        kind = "a string" if key in _STR_KEYS | _PATH_KEYS else "an integer" if key in _INT_KEYS else "a number"
         errors.append(f"{where}={raw!r} is not {kind}")
         return None
 
@@ -190,6 +196,8 @@ def _validate(cfg: IMAConfig, errors: list[str]) -> None:
         errors.append(f"unknown expand_rule {cfg.expand_rule!r} {src('expand_rule')}, known: {list(EXPAND_RULES)}")
     if not derived("sat_eps") and not (math.isfinite(cfg.sat_eps) and cfg.sat_eps > 0):
         errors.append(f"sat_eps must be > 0, got {cfg.sat_eps} {src('sat_eps')}")
+    if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
+        errors.append(f"init_weights: no such file {cfg.init_weights} {src('init_weights')}")
     for key in ("k", "n", "epochs", "iters", "val_iters"):
         value = getattr(cfg, key)
         if value is not None and value < 1:

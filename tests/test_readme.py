@@ -60,3 +60,14 @@ def test_readme_attack_and_classify_commands_parse():
         assert args.eps and args.attacks
     for cmd in classify:
         classify_parser().parse_args(shlex.split(cmd)[3:])
+
+
+def test_readme_settings_table_names_every_trainer_setting():
+    """Every NNUNET_IMA_<KEY> the trainers read has a row in README's settings table."""
+    from nnunet_ima_trainers.config import KEYS
+
+    readme = (ROOT / "README.md").read_text()
+    table = re.search(r"\| key \(`NNUNET_IMA_\.\.\.`\).*?\n\n", readme, flags=re.S).group(0)
+    rows = set(re.findall(r"`([A-Z_]+)`", table))
+    missing = [k for k in KEYS if k.upper() not in rows]
+    assert not missing, f"README settings table lacks {missing}"

@@ -106,8 +106,8 @@ def _flow_3d(env, pred_dir):
 
 def _flow_sat(env, pretrained, pred_dir):
     out = ok(run("nnunet-ima-train", env, "999", "2d", "0", "-tr", "nnUNetTrainerSAT", "-device", "cpu",
-                 "-pretrained_weights", str(pretrained), NNUNET_IMA_SAT_EPS="0.5"))
-    assert "Loading pretrained weights from file" in out
+                 NNUNET_IMA_SAT_EPS="0.5", NNUNET_IMA_INIT_WEIGHTS=str(pretrained)))
+    assert f"initialised every weight (segmentation heads included) from {pretrained}" in out
     fold = fold_dir(env, "nnUNetTrainerSAT", "2d")
     assert "sat_eps         = 0.5" in next(fold.glob("training_log_*.txt")).read_text()
     assert "ima_margins" not in torch.load(fold / "checkpoint_final.pth", weights_only=True)
@@ -135,7 +135,7 @@ def ima_2d_first(env, flow_3d):
 
 @pytest.fixture(scope="module")
 def flow_sat(env, pool, ima_2d_first, tmp_path_factory):
-    """2d SAT from IMA's epoch-1 weights (-pretrained_weights), then nnunet-ima-predict (background)."""
+    """2d SAT from IMA's epoch-1 weights (NNUNET_IMA_INIT_WEIGHTS), then nnunet-ima-predict (background)."""
     return pool.submit(_flow_sat, env, ima_2d_first[2], tmp_path_factory.mktemp("predsat"))
 
 
@@ -163,7 +163,7 @@ def test_ima_2d_train_resume_predict(env, ima_2d_first, flow_sat, tmp_path):
     predict(env, "nnUNetv2_predict", "2d", "nnUNetTrainerIMA", tmp_path / "pred", ext=True)
 
 
-def test_sat_2d_from_pretrained_weights_then_predict(flow_sat):
+def test_sat_2d_from_init_weights_then_predict(flow_sat):
     flow_sat.result()
 
 

@@ -14,6 +14,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_ima import MarginStore
 from nnunet_ima_trainers import SampleKeyDataLoader, nnUNetTrainerIMA, nnUNetTrainerSAT, nnUNetTrainerSTD, slice_key
 from nnunet_ima_trainers.adversarial import margin_digest
+from nnunet_ima_trainers.config import ConfigError
 
 SHORT = {"NNUNET_IMA_EPOCHS": "1", "NNUNET_IMA_ITERS": "2", "NNUNET_IMA_VAL_ITERS": "1", "NNUNET_IMA_K": "2",
          "NNUNET_IMA_N": "2", "NNUNET_IMA_DICE_THRESHOLD": "0.01"}
@@ -98,6 +99,33 @@ def test_two_slices_of_one_case_get_two_margins(tiny_env):
     assert m_b == pytest.approx(delta / 2)  # clean wrong: shrink with distance 0 (segmentation rule)
     assert torch.equal(noisy[1], data[1])  # L1 = L0 for the wrongly segmented sample
     assert trainer.epoch_stats["attacked"] == 1
+
+
+def test_init_weights_loads_every_weight_heads_included(tiny_env, monkeypatch, tmp_path):
+    """The papers start SAT / IMA from the standard model: all of it, unlike -pretrained_weights."""
+    std = make_trainer(tiny_env, nnUNetTrainerSTD)
+    std.initialize()
+    with torch.no_grad():
+        for i, p in enumerate(std.network.parameters()):
+            p.add_(0.01 * (i + 1))  # weights no fresh initialisation has
+    std.save_checkpoint(str(tmp_path / "std.pth"))
+    saved = {k: v.clone() for k, v in std.network.state_dict().items()}
+    assert any(".seg_layers." in k for k in saved)
+
+    monkeypatch.setenv("NNUNET_IMA_INIT_WEIGHTS", str(tmp_path / "std.pth"))
+    ima = make_trainer(tiny_env, nnUNetTrainerIMA)
+    ima.initialize()
+    own = ima.network.state_dict()
+    assert own.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(own[k], v), k
+
+    other = make_trainer(tiny_env, nnUNetTrainerIMA, "3d_fullres")  # another network: refused, with the way out
+    with pytest.raises(ConfigError, match="not a checkpoint of this network.*-pretrained_weights"):
+        other.initialize()
+    monkeypatch.setenv("NNUNET_IMA_INIT_WEIGHTS", str(tmp_path / "missing.pth"))
+    with pytest.raises(ConfigError, match="init_weights: no such file"):
+        make_trainer(tiny_env, nnUNetTrainerIMA)
 
 
 @pytest.mark.parametrize("rule", ["prediction", "no_crossing"])
