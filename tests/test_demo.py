@@ -65,10 +65,13 @@ def test_verdict_judges_the_table_honestly(tmp_path, capsys, ima_mid, ima_clean,
     from nnunet_ima.demo import verdict
 
     std, ima = TRAINERS[0], TRAINERS[2]
-    adi = {(std, 0.0): 0.70, (std, 2.0): 0.62, (std, 5.0): 0.52, (std, 10.0): 0.37,
+    sat = TRAINERS[1]
+    adi = {(sat, 0.0): 0.60, (sat, 2.0): 0.63, (sat, 5.0): 0.50, (sat, 10.0): 0.40,
+           (std, 0.0): 0.70, (std, 2.0): 0.62, (std, 5.0): 0.52, (std, 10.0): 0.37,
            (ima, 0.0): ima_clean, (ima, 2.0): ima_mid[0], (ima, 5.0): ima_mid[1], (ima, 10.0): 0.10}
     verdict(_results(tmp_path, adi), [0.0, 2.0, 5.0, 10.0])
     out = capsys.readouterr().out
     assert "PGD eps=2: ADI STD 0.620 vs IMA" in out and "PGD eps=5:" in out and "eps=10:" not in out
     assert ("shows the paper's effect" in out) == shows
     assert ("does NOT show the paper's effect" in out) == (not shows)
+    assert f"(SAT 0.630)" in out and "IMA vs SAT under PGD at eps 2: " in out
