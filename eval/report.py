@@ -132,6 +132,7 @@ def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
     metrics = [("adi", "ADI"), ("tvdi", "TVDI"), ("dice3d", "per-case 3D Dice")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     models = list(dict.fromkeys(r["model"] for r in sel))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}  # one colour per model, one line style per attack
     for ax, (key, title) in zip(axes[0], metrics):
         for m in models:
             clean = [r for r in sel if r["model"] == m and r["attack"] == "clean"]
@@ -141,7 +142,8 @@ def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
                     continue
                 if clean and not any(e == 0 for e, _ in pts):
                     pts = [(0.0, clean[0][key])] + pts
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=f"{m} {attack.upper()}")
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colors[m],
+                        label=f"{m} {attack.upper()}")
         ax.set_xlabel("eps (noise level)")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title)
