@@ -9,9 +9,9 @@
 4. attacks all three on the held-out test slabs with ``nnunet-ima-attack`` (PGD and IFGSM, L2) and
    prints the papers' table.
 
-The default schedule is sized for a 2-core CPU (measured: 8.8 minutes on an idle 2-core machine). The demo network is nnU-Net's
-2d plan with fewer feature maps per stage and a larger batch (plans ``nnUNetPlansDemo``, written next
-to nnU-Net's own plans); everything else (preprocessing, augmentation, loss, deep supervision,
+The default schedule is sized for a 2-core CPU (measured: 8.8 minutes on an idle 2-core machine).
+The demo network is nnU-Net's 2d plan with fewer feature maps per stage and a larger batch (plans
+``nnUNetPlansDemo``, written next to nnU-Net's own plans); everything else (preprocessing, augmentation, loss, deep supervision,
 optimiser, inference) is nnU-Net's. ``--paper`` uses nnU-Net's own plans and the paper's schedule
 (50 epochs x 50 iterations, K=20, N=10): hours on a CPU, meant for a GPU.
 """
@@ -222,7 +222,8 @@ def verdict(out: Path, eps: list[float]) -> None:
         a, b, c = adi.get((std, "pgd", e)), adi.get((ima, "pgd", e)), adi.get((sat, "pgd", e))
         if a is not None and b is not None:
             wins.append(b > a)
-            lines.append(f"PGD eps={e:g}: ADI STD {a:.3f} vs IMA {b:.3f}" + (f" (SAT {c:.3f})" if c is not None else ""))
+            sat_text = f" (SAT {c:.3f})" if c is not None else ""
+            lines.append(f"PGD eps={e:g}: ADI STD {a:.3f} vs IMA {b:.3f}{sat_text}")
             if c is not None:
                 over_sat.append(f"{e:g}: {'above' if b > c else 'not above'}")
     if not wins:

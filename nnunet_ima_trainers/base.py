@@ -82,8 +82,8 @@ class nnUNetTrainerSTD(nnUNetTrainer):
                               f"needed; {len(problems)} mismatched weights, e.g. {problems[:3]}). To transfer between "
                               "datasets use nnU-Net's -pretrained_weights instead")
         module.load_state_dict(weights)
-        self.print_to_log_file(f"initialised every weight (segmentation heads included) from {path} "
-                               f"(trainer {checkpoint.get('trainer_name', '?')}, epoch {checkpoint.get('current_epoch', '?')})",
+        source = f"trainer {checkpoint.get('trainer_name', '?')}, epoch {checkpoint.get('current_epoch', '?')}"
+        self.print_to_log_file(f"initialised every weight (segmentation heads included) from {path} ({source})",
                                also_print_to_console=True)
 
     # ------------------------------------------------------------------ data
