@@ -73,8 +73,7 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         checkpoint = torch.load(path, map_location=self.device, weights_only=True)
         module = self._module()
         own = module.state_dict()
-        weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v
-                   for k, v in checkpoint["network_weights"].items()}
+        weights = bare_keys(checkpoint["network_weights"])
         problems = sorted(set(own) ^ set(weights)) + [
             k for k in own if k in weights and own[k].shape != weights[k].shape]
         if problems:
@@ -198,9 +197,7 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         if not isinstance(checkpoint, dict):
             checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=True)
         module = self._module()
-        own = module.state_dict().keys()
-        weights = {k[7:] if k not in own and k.startswith("module.") else k: v
-                   for k, v in checkpoint["network_weights"].items()}
+        weights = bare_keys(checkpoint["network_weights"])
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
@@ -212,6 +209,11 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         self.load_extra_checkpoint_state(checkpoint)
+
+
+def bare_keys(weights: dict) -> dict:
+    """State-dict keys without the DDP ("module.") and torch.compile ("_orig_mod.") prefixes."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
 
 
 def plain(obj):
