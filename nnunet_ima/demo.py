@@ -11,8 +11,8 @@
 
 The default schedule is sized for a 2-core CPU (measured: 8.8 minutes on an idle 2-core machine).
 The demo network is nnU-Net's 2d plan with fewer feature maps per stage and a larger batch (plans
-``nnUNetPlansDemo``, written next to nnU-Net's own plans); everything else (preprocessing, augmentation, loss, deep supervision,
-optimiser, inference) is nnU-Net's. ``--paper`` uses nnU-Net's own plans and the paper's schedule
+``nnUNetPlansDemo``, written next to nnU-Net's own plans); everything else (preprocessing,
+augmentation, loss, deep supervision, optimiser, inference) is nnU-Net's. ``--paper`` uses nnU-Net's own plans and the paper's schedule
 (50 epochs x 50 iterations, K=20, N=10): hours on a CPU, meant for a GPU.
 """
 from __future__ import annotations

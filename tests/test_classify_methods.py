@@ -13,7 +13,7 @@ from nnunet_ima import bpgd, get_norm, perturb_iterative, pgd
 from nnunet_ima.classify.methods import METHODS, MethodConfig, build_method, early_stopped_pgd
 from nnunet_ima.classify.methods.trades import kl_per_sample
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 B, D, C = 12, 4, 3
 
 

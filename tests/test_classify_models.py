@@ -7,7 +7,7 @@ import torch
 from nnunet_ima.classify.models import MODELS, build_model
 from nnunet_ima.classify.presets import PRESETS
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 SHAPES = {"moons_mlp": ((2,), 2), "digits_mlp": ((1, 8, 8), 10), "fashion_cnn": ((1, 28, 28), 10),
           "svhn_cnn": ((3, 32, 32), 10), "resnet18_in": ((1, 224, 224), 2), "wrn28_4": ((3, 32, 32), 10)}
 

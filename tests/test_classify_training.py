@@ -14,7 +14,7 @@ from nnunet_ima.classify import EvalConfig, TrainConfig, evaluate, load_dataset,
 from nnunet_ima.classify.cli import main
 from nnunet_ima.classify.methods import MethodConfig
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,12 @@ SHORT = {"NNUNET_IMA_EPOCHS": "1", "NNUNET_IMA_ITERS": "2", "NNUNET_IMA_VAL_ITER
 
 
 @pytest.fixture
-def tiny_env(nnunet_environ, monkeypatch, tmp_path):
-    """The tiny dataset, results in this test's own folder, a short IMA schedule."""
+def tiny_env(nnunet_environ, monkeypatch, tmp_path, one_thread):
+    """The tiny dataset, results in this test's own folder, a short IMA schedule, one thread."""
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     for k, v in SHORT.items():
         monkeypatch.setenv(k, v)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is faster, and 2 cores are shared
-    yield nnunet_environ
-    torch.set_num_threads(threads)
+    return nnunet_environ
 
 
 def make_trainer(tiny, cls, configuration="2d"):
