@@ -61,16 +61,25 @@ def per_sample_dice(output, y, *, ignore_label: int | None = None, reduction: st
         ignore = gt == ignore_label
         gt = torch.where(ignore, torch.zeros_like(gt), gt)
     tp, fp, fn = tp_fp_fn(pred, gt, logits.shape[1], ignore)
-    d = dice_from_counts(tp[:, 1:], fp[:, 1:], fn[:, 1:])
+    return reduce_classes(dice_from_counts(tp[:, 1:], fp[:, 1:], fn[:, 1:]), reduction)
+
+
+REDUCTIONS = ("mean", "max")
+
+
+def reduce_classes(d: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The project's one rule for a Dice over classes: ``d`` (..., K) per-class Dice with NaN where a
+    class is undefined (absent from truth and prediction); "mean" or "max" over the defined entries
+    of the last axis; 1 where every entry is undefined (see the module docstring)."""
     defined = ~torch.isnan(d)
     if reduction == "mean":
-        s = torch.where(defined, d, torch.zeros_like(d)).sum(1)
-        out = s / defined.sum(1).clamp(min=1)
+        s = torch.where(defined, d, torch.zeros_like(d)).sum(-1)
+        out = s / defined.sum(-1).clamp(min=1)
     elif reduction == "max":
-        out = torch.where(defined, d, torch.full_like(d, -1.0)).amax(1)
+        out = torch.where(defined, d, torch.full_like(d, -1.0)).amax(-1)
     else:
-        raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
-    return torch.where(defined.any(1), out, torch.ones_like(out))
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return torch.where(defined.any(-1), out, torch.ones_like(out))
 
 
 class DicePredicate:
