@@ -5,6 +5,11 @@ scalar is accepted too, e.g. nnU-Net's batch-averaged Dice+CE: its gradient has 
 per sample up to scale, which the normalised step h(g) removes). ``output`` is what the model
 returns: logits (B, C, ...) or, for nnU-Net with deep supervision, a list whose first element is the
 full-resolution logits.
+
+A loss that needs the attack's iteration progress (SegPGD's lambda schedule) declares it with
+:func:`uses_progress`; the attack loops call every loss through :func:`evaluate_loss`, which passes
+``progress = k / K`` (k = 0..K-1) only to such losses. The segmentation objectives live in
+:mod:`nnunet_ima.seg_losses` and are found by :func:`get_loss` by name too.
 """
 from __future__ import annotations
 
@@ -53,13 +58,32 @@ def logit_margin(output, y) -> torch.Tensor:
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "margin": logit_margin}
 
 
+def uses_progress(fn):
+    """Mark a loss as wanting the iteration progress: it is then called ``fn(output, y, progress=p)``
+    with p = k / K in [0, 1) at iteration k of K (see :func:`evaluate_loss`)."""
+    fn.uses_progress = True
+    return fn
+
+
+def evaluate_loss(loss_fn: LossFn, output, y, progress: float = 0.0) -> torch.Tensor:
+    """``loss_fn(output, y)``, plus ``progress=`` for losses marked with :func:`uses_progress`."""
+    if getattr(loss_fn, "uses_progress", False):
+        return loss_fn(output, y, progress=progress)
+    return loss_fn(output, y)
+
+
 def get_loss(loss: str | LossFn) -> LossFn:
-    """Resolve an attack loss: "ce", "margin", or any callable ``loss(output, y)``."""
+    """Resolve an attack loss: "ce", "margin", a segmentation objective of
+    :data:`nnunet_ima.seg_losses.SEG_LOSSES` ("masked_ce", "js", "segpgd", ...), or any callable
+    ``loss(output, y)``."""
     if callable(loss):
         return loss
-    if loss not in LOSSES:
-        raise ValueError(f"loss: unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable loss(output, y)")
-    return LOSSES[loss]
+    from .seg_losses import SEG_LOSSES  # seg_losses builds on this module
+
+    known = {**SEG_LOSSES, **LOSSES}
+    if loss not in known:
+        raise ValueError(f"loss: unknown loss {loss!r}; use one of {sorted(known)} or a callable loss(output, y)")
+    return known[loss]
 
 
 def ima_loss(loss_clean: torch.Tensor, loss_noisy: torch.Tensor, clean_correct: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,7 +6,9 @@ for any norm (no ``if norm == "l2"`` chains):
 * ``measure(d)``      -> (B,) per-sample norm of a batch of perturbations ``d``;
 * ``direction(g)``    -> the steepest-ascent direction h(g) of the papers (unit L2 gradient, or sign);
 * ``project(d, eps)`` -> the perturbation projected back onto the per-sample eps-ball;
-* ``random(x, eps)``  -> a random perturbation drawn uniformly from the per-sample eps-ball.
+* ``random(x, eps)``  -> a random perturbation drawn uniformly from the per-sample eps-ball;
+* ``boundary(x, eps)`` -> a random perturbation on the ball's boundary (the full budget: random-noise
+  baselines and random search).
 
 ``eps`` is always a (B,) tensor here; :func:`nnunet_ima.validation.as_eps` converts user input.
 """
@@ -39,6 +41,9 @@ class Norm:
     def random(self, x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def boundary(self, x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -67,6 +72,11 @@ class L2(Norm):
         radius = eps.to(x.dtype) * u.pow(1.0 / dim)
         return self.direction(g) * _per_sample(radius, x)
 
+    def boundary(self, x, eps, generator=None):
+        # uniform on the sphere of radius eps: a normalised Gaussian
+        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.direction(g) * _per_sample(eps, x)
+
 
 class Linf(Norm):
     """Maximum-absolute-value norm; the direction is the sign of the gradient (FGSM/PGD-Linf)."""
@@ -86,6 +96,11 @@ class Linf(Norm):
     def random(self, x, eps, generator=None):
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return (2 * u - 1) * _per_sample(eps, x)
+
+    def boundary(self, x, eps, generator=None):
+        # a uniformly drawn vertex of the box: +-eps in every coordinate
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return torch.where(u < 0.5, -1.0, 1.0).to(x.dtype) * _per_sample(eps, x)
 
 
 NORMS: dict[str, type[Norm]] = {"l2": L2, "linf": Linf}

@@ -17,6 +17,15 @@ def batch_index(y, idx):
     return y[idx]
 
 
+def on_finite_rows(fn, x: torch.Tensor, valid: torch.Tensor, *batched):
+    """Run ``fn(x[valid], *[b[valid] for b in batched])`` (None passes through) and return x with those
+    rows replaced: the samples flagged non-finite come back unchanged. Shape: x (B, ...), valid (B,)."""
+    out = x.detach().clone()
+    if bool(valid.any()):
+        out[valid] = fn(x[valid], *(None if b is None else batch_index(b, valid) for b in batched))
+    return out
+
+
 def batch_size(y) -> int:
     return batch_size(y[0]) if isinstance(y, (list, tuple)) else y.shape[0]
 

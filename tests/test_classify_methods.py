@@ -82,8 +82,9 @@ def ref_trades(setup, out, m):
     z = model(x)
     p = logp(z).exp()
     torch.manual_seed(0)
-    x_adv = pgd(model, x, p.detach(), cfg.eps, norm="l2", steps=cfg.steps, loss=kl_per_sample, clip=cfg.clip)
-    assert torch.allclose(out.x_adv, x_adv, atol=1e-5)  # p computed by hand here: float round-off only
+    x_adv = pgd(model, x, torch.softmax(z.detach(), 1), cfg.eps, norm="l2", steps=cfg.steps, loss=kl_per_sample,
+                clip=cfg.clip, delta_init=0.001 * torch.randn_like(x))  # TRADES' start: x + 0.001 N(0, I)
+    assert torch.allclose(out.x_adv, x_adv, atol=1e-5)  # the attack's target is softmax(f(x)), as in TRADES
     kl = (p * (logp(z) - logp(model(x_adv)))).sum(1)  # KL(f(x) || f(x_adv))
     return ce(z, y).mean() + 6.0 * kl.mean()
 

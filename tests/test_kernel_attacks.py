@@ -341,3 +341,53 @@ def test_nonfinite_samples_untouched_others_attacked_as_alone(trained, norm):
     assert x_adv[7, 1] == float("-inf") and torch.equal(x_adv[2, 1], x[2, 1])
     alone = ifgsm(model, x[good], y[good], 0.5, norm=norm, steps=5)
     torch.testing.assert_close(x_adv[good], alone)
+
+
+# ---------------------------------------------------------------- explicit start point (delta_init)
+@pytest.mark.parametrize("norm", NORMS)
+def test_delta_init_is_the_start_projected_into_each_ball(trained, norm):
+    model, x, y = trained
+    x, y = x[:6], y[:6]
+    eps = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 5.0])
+    delta = 0.8 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    x0 = pgd(model, x, y, eps, norm=norm, steps=0, delta_init=delta)  # random_start (True) is ignored
+    inside = measure(delta, norm) <= eps
+    assert torch.allclose(x0[inside], x[inside] + delta[inside])  # small enough: kept as is
+    d = measure(x0 - x, norm)
+    assert torch.allclose(d[~inside], eps[~inside], atol=1e-5)  # too big: projected onto the boundary
+    clipped = pgd(model, x, y, 5.0, norm=norm, steps=0, delta_init=delta, clip=(-0.5, 0.5))
+    assert bool((clipped.abs() <= 0.5).all())
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_random_start_equals_delta_init_of_the_same_draw(trained, norm):
+    """PGD's random start is delta_init = norm.random(...): the same draw gives the same attack."""
+    from nnunet_ima import get_norm
+
+    model, x, y = trained
+    eps = torch.rand(x.shape[0]) + 0.2
+    a = pgd(model, x, y, eps, norm=norm, steps=5, generator=torch.Generator().manual_seed(3))
+    start = get_norm(norm).random(x, eps, torch.Generator().manual_seed(3))
+    b = pgd(model, x, y, eps, norm=norm, steps=5, delta_init=start)
+    assert torch.equal(a, b)
+    c = pgd(model, x, y, eps, norm=norm, steps=5, delta_init=torch.zeros_like(x))
+    assert torch.equal(c, ifgsm(model, x, y, eps, norm=norm, steps=5))  # zero start = IFGSM
+
+
+def test_delta_init_rows_follow_their_samples_past_nonfinite_ones(trained):
+    model, x, y = trained
+    x, y = x[:5].clone(), y[:5]
+    x[1, 0] = float("nan")
+    delta = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(NonFiniteInputWarning):
+        x_adv = pgd(model, x, y, 0.7, steps=3, delta_init=delta)
+    keep = torch.tensor([True, False, True, True, True])
+    torch.testing.assert_close(x_adv[keep], pgd(model, x[keep], y[keep], 0.7, steps=3, delta_init=delta[keep]))
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(3, 1, 8, 8), torch.zeros(8, 64), [0.0] * 8,
+                                 torch.full((8, 1, 8, 8), float("nan"))])
+def test_bad_delta_init_names_the_argument(bad):
+    x, y = image_batch()
+    with pytest.raises(ValueError, match="delta_init"):
+        pgd(TinyCNN(), x, y, 1.0, steps=1, delta_init=bad)

@@ -13,7 +13,7 @@ import torch
 
 from nnunet_ima import get_norm
 from nnunet_ima._model import attack_mode
-from nnunet_ima.attacks import gradient, resolve_step_size, step
+from nnunet_ima.attacks import gradient, resolve_step_size, start_point, step
 from nnunet_ima.losses import cross_entropy
 
 from .base import Method, StepOutput, ce
@@ -21,7 +21,8 @@ from .base import Method, StepOutput, ce
 
 def early_stopped_pgd(model, x, y, eps: float, *, tau: int, norm="l2", steps: int = 20, clip=None,
                       start_std: float = 0.001) -> torch.Tensor:
-    """FAT's early-stopped PGD, built from the kernel's gradient/step/project primitives.
+    """FAT's early-stopped PGD, built from the kernel's start/gradient/step primitives: the start is the
+    kernel's ``delta_init`` start with delta_init = start_std * N(0, I) (FAT's code).
 
     Shape: x (B, ...), y (B,). Returns the training points (B, ...).
     """
@@ -29,9 +30,7 @@ def early_stopped_pgd(model, x, y, eps: float, *, tau: int, norm="l2", steps: in
     eps_t = torch.full((x.shape[0],), float(eps), device=x.device)
     alpha = resolve_step_size(None, eps_t, steps)
     x = x.detach()
-    cur = x + nrm.project(start_std * torch.randn_like(x), eps_t)
-    if clip is not None:
-        cur = cur.clamp(*clip)
+    cur = start_point(x, eps_t, nrm, delta_init=start_std * torch.randn_like(x), clip=clip)
     out = cur.clone()
     act = torch.arange(x.shape[0], device=x.device)
     budget = torch.full_like(act, int(tau))

@@ -1,0 +1,173 @@
+"""Segmentation attacks by name, one signature, for the evaluation CLI (``nnunet-ima-attack --attacks``).
+
+``SEG_ATTACKS[name](model, x, y, eps, *, norm, steps, loss=None, generator=None) -> x_adv``:
+x (B, C, *S) 2d or 3d, y labels (B, *S) / (B, 1, *S), eps a float or (B,) tensor, ``norm`` "l2"/"linf".
+``loss`` (a per-sample callable, e.g. the model's own Dice+CE) is used by "pgd", "ifgsm" and "apgd";
+None means per-pixel CE. The other attacks have a fixed objective (:mod:`nnunet_ima.seg_losses`):
+
+=========  =================================================================================
+pgd        PGD, random start, alpha = 4 eps / K (the IMA papers' protocol)
+ifgsm      PGD from x, alpha = 4 eps / K
+segpgd     PGD with SegPGD's pixel weighting (Gu et al. 2022), same start and step as "pgd"
+cospgd     PGD with CosPGD's cosine weighting (Agnihotri et al. 2024), same start and step as "pgd"
+apgd       APGD (Croce & Hein 2020) on ``loss`` (default CE)
+apgd-mce   APGD on masked CE            } the three attacks of SEA
+apgd-bmce  APGD on balanced masked CE   } (Croce, Singh & Hein 2024)
+apgd-js    APGD on JS divergence        }
+=========  =================================================================================
+
+Sanity-check baselines: :func:`random_noise` (a random point on the ball's boundary) and
+:func:`random_search` (gradient-free, Square-style; Andriushchenko et al. 2020).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._model import attack_mode
+from .apgd import apgd
+from .attacks import _clip, check_clip, ifgsm, pgd
+from .losses import get_loss
+from .norms import Norm, _per_sample, get_norm
+from .seg_losses import cospgd_loss, segpgd_loss
+from .validation import check_inputs, on_finite_rows
+
+SegAttack = Callable[..., torch.Tensor]
+
+
+def _pgd(model, x, y, eps, *, norm, steps, loss=None, generator=None):
+    return pgd(model, x, y, eps, norm=norm, steps=steps, loss=loss or "ce", generator=generator)
+
+
+def _ifgsm(model, x, y, eps, *, norm, steps, loss=None, generator=None):
+    return ifgsm(model, x, y, eps, norm=norm, steps=steps, loss=loss or "ce")
+
+
+def _segpgd(model, x, y, eps, *, norm, steps, loss=None, generator=None):
+    return pgd(model, x, y, eps, norm=norm, steps=steps, loss=segpgd_loss, generator=generator)
+
+
+def _cospgd(model, x, y, eps, *, norm, steps, loss=None, generator=None):
+    return pgd(model, x, y, eps, norm=norm, steps=steps, loss=cospgd_loss, generator=generator)
+
+
+def _apgd_on(objective: str | None):
+    """A registry entry running APGD on a fixed objective (None: the caller's ``loss``, else CE)."""
+    def run(model, x, y, eps, *, norm, steps, loss=None, generator=None):
+        return apgd(model, x, y, eps, norm=norm, steps=steps, loss=objective or loss or "ce", generator=generator)
+
+    run.__name__ = f"apgd_{objective or 'loss'}"
+    return run
+
+
+SEG_ATTACKS: dict[str, SegAttack] = {
+    "pgd": _pgd,
+    "ifgsm": _ifgsm,
+    "segpgd": _segpgd,
+    "cospgd": _cospgd,
+    "apgd": _apgd_on(None),
+    "apgd-mce": _apgd_on("masked_ce"),
+    "apgd-bmce": _apgd_on("balanced_masked_ce"),
+    "apgd-js": _apgd_on("js"),
+}
+
+
+def random_noise(model, x, y, eps, *, norm="l2", generator=None, clip=None) -> torch.Tensor:
+    """x + a random perturbation on the boundary of each sample's ball (the full budget: a normalised
+    Gaussian of L2 norm eps, or a random vertex +-eps for Linf). ``model`` and ``y`` are not used
+    (same signature as the attacks). The sanity check: the white-box attacks must beat this."""
+    nrm, clip = get_norm(norm), check_clip(clip)
+    eps_t, valid = check_inputs(x, y, eps)
+
+    return on_finite_rows(lambda xs, es: _clip(xs.detach() + nrm.boundary(xs, es, generator), clip), x, valid, eps_t)
+
+
+def square_fraction(i: int, queries: int, p_init: float) -> float:
+    """Square attack's schedule of the window's share of the pixels, rescaled to ``queries``: p_init
+    halves at (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000) of 10 000 queries."""
+    it = int(i / max(queries, 1) * 10000)
+    halvings = sum(it > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+    return p_init / 2 ** halvings
+
+
+def _gen_device(generator, like: torch.Tensor):
+    """Draw random numbers where the generator lives (CPU generators on CUDA inputs), then move them."""
+    return generator.device if generator is not None else like.device
+
+
+def window_mask(x: torch.Tensor, frac: float, generator=None) -> torch.Tensor:
+    """(B, 1, *S) bool: one random cube per sample (side ~ (frac * prod(S))^(1/d), d spatial dims)."""
+    spatial = x.shape[2:]
+    n = 1
+    for s in spatial:
+        n *= s
+    side = max(1, round((frac * n) ** (1.0 / len(spatial))))
+    mask = torch.ones((x.shape[0], 1, *spatial), dtype=torch.bool, device=x.device)
+    for d, size in enumerate(spatial):
+        s = min(side, size)
+        start = torch.randint(0, size - s + 1, (x.shape[0],), generator=generator,
+                              device=_gen_device(generator, x)).to(x.device)
+        idx = torch.arange(size, device=x.device)
+        inside = (idx >= start[:, None]) & (idx < start[:, None] + s)  # (B, size)
+        shape = [x.shape[0]] + [1] * (len(spatial) + 1)
+        shape[2 + d] = size
+        mask = mask & inside.view(shape)
+    return mask
+
+
+def _resample_linf(delta, mask, eps, generator):
+    """Square (Linf): the window gets +-eps, one random sign per sample and channel."""
+    u = torch.rand(delta.shape[:2], generator=generator, device=_gen_device(generator, delta)).to(delta.device)
+    signs = torch.where(u < 0.5, -1.0, 1.0).to(delta.dtype).view(*delta.shape[:2], *([1] * (delta.dim() - 2)))
+    return torch.where(mask, signs * _per_sample(eps, delta), delta)
+
+
+def _resample_l2(delta, mask, eps, generator):
+    """L2: the window gets a new Gaussian pattern of the same L2 mass (the total norm is kept)."""
+    m = mask.to(delta.dtype)
+    old = (delta * m).flatten(1).norm(dim=1)
+    g = torch.randn(delta.shape, generator=generator, device=_gen_device(generator, delta))
+    g = g.to(delta.device, delta.dtype) * m
+    new = g / (g.flatten(1).norm(dim=1) + 1e-12).view(-1, *([1] * (delta.dim() - 1))) * _per_sample(old, delta)
+    return delta * (1 - m) + new
+
+
+_RESAMPLE = {"linf": _resample_linf, "l2": _resample_l2}
+
+
+def random_search(model, x, y, eps, *, norm="l2", queries: int = 1000, score=None, generator=None,
+                  p_init: float = 0.1, clip=None, model_mode: str = "eval") -> torch.Tensor:
+    """Gradient-free Square-style random search: start on the ball's boundary, then ``queries`` - 1
+    times resample one random window (cube of Square's shrinking size) per sample and keep the change
+    where the score rises. ``score(output, y) -> (B,)`` is MAXIMISED (a loss name of
+    :func:`nnunet_ima.losses.get_loss` or a callable, e.g. minus the Dice; default per-pixel CE).
+    One forward per query. The sanity check: it must not beat the white-box attacks."""
+    nrm, clip = get_norm(norm), check_clip(clip)
+    if nrm.name not in _RESAMPLE or queries < 1:
+        raise ValueError(f"random_search: norm must be one of {sorted(_RESAMPLE)} and queries >= 1, "
+                         f"got {nrm.name!r}, {queries}")
+    score_fn = get_loss(score or "ce")
+    eps_t, valid = check_inputs(x, y, eps)
+    kw = dict(norm=nrm, queries=queries, score_fn=score_fn, generator=generator, p_init=p_init, clip=clip)
+    with attack_mode(model, model_mode), torch.no_grad():
+        return on_finite_rows(lambda xs, ys, es: _search(model, xs.detach(), ys, es, **kw), x, valid, y, eps_t)
+
+
+def _search(model, x, y, eps, *, norm: Norm, queries, score_fn, generator, p_init, clip):
+    def evaluate(delta):
+        s = score_fn(model(_clip(x + delta, clip)), y)
+        if s.shape != (x.shape[0],):
+            raise ValueError(f"score: expected per-sample scores of shape ({x.shape[0]},), got {tuple(s.shape)}")
+        return s
+
+    delta = norm.boundary(x, eps, generator)
+    best = evaluate(delta)
+    for i in range(1, queries):
+        mask = window_mask(x, square_fraction(i, queries, p_init), generator)
+        cand = norm.project(_RESAMPLE[norm.name](delta, mask, eps, generator), eps)
+        s = evaluate(cand)
+        better = s > best
+        delta = torch.where(_per_sample(better, delta).bool(), cand, delta)
+        best = torch.where(better, s, best)
+    return _clip(x + delta, clip)
