@@ -10,39 +10,49 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from pathlib import Path
 
-EXT_DIR = str(Path(__file__).resolve().parent / "ext")
-VAR = "nnUNet_extTrainer"
+from . import EXT_DIR, EXT_VAR as VAR, ext_trainer_path, register_ext_trainers
 
-
-def ext_trainer_path(existing: str | None = None) -> str:
-    """``nnUNet_extTrainer`` value: this package's ext folder first, then any folders already set."""
-    others = [p for p in (existing or "").split(os.pathsep) if p.strip() and os.path.abspath(p) != EXT_DIR]
-    return os.pathsep.join([EXT_DIR, *others])
-
-
-def _register() -> None:
-    os.environ[VAR] = ext_trainer_path(os.environ.get(VAR))
+__all__ = ["EXT_DIR", "VAR", "ext_trainer_path", "register_ext_trainers", "config_error_message", "train_entry",
+           "predict_entry", "print_env"]
 
 
 def train_entry() -> None:
-    """``nnUNetv2_train`` with the IMA trainers registered; settings errors print one line, exit 2."""
-    from .config import ConfigError
-
-    _register()
+    """``nnUNetv2_train`` with the IMA trainers registered; a settings error prints one line and
+    exits 2, also when it was raised in a ``-num_gpus`` worker process."""
+    register_ext_trainers()
     from nnunetv2.run.run_training import run_training_entry
 
     try:
         run_training_entry()
-    except ConfigError as e:
-        print(f"nnunet-ima-train: {e}", file=sys.stderr)
+    except Exception as e:
+        message = config_error_message(e)
+        if message is None:
+            raise
+        print(f"nnunet-ima-train: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def config_error_message(exc: BaseException) -> str | None:
+    """The message of the :class:`~nnunet_ima_trainers.config.ConfigError` ``exc`` is or carries, else
+    None. ``-num_gpus N`` trains in worker processes; torch's ``ProcessRaisedException`` brings a
+    worker's error back only as traceback text, whose last ``...ConfigError: <message>`` line is used."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from .config import ConfigError
+
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, ProcessRaisedException):
+        prefix = f"{ConfigError.__module__}.{ConfigError.__qualname__}: "
+        lines = [line for line in str(exc).splitlines() if line.startswith(prefix)]
+        return lines[-1][len(prefix):] if lines else None
+    return None
 
 
 def predict_entry() -> None:
     """``nnUNetv2_predict`` with the IMA trainers registered."""
-    _register()
+    register_ext_trainers()
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point
 
     predict_entry_point()

@@ -8,22 +8,39 @@
 4. the defaults below: the paper's (section 3.5) for Heart / Hippocampus / Prostate 2d, otherwise
    the generic rule of :func:`generic_eps_max`.
 
-Keys: eps_max, delta, k, n, dice_threshold, norm, expand_rule, sat_eps, epochs, iters, val_iters, init_weights.
+Keys: eps_max, delta, k, n, dice_threshold, dice_reduction, attack_samples, norm, expand_rule,
+sat_eps, epochs, iters, val_iters, init_weights.
+
+* ``dice_reduction``: how the "is this segmentation correct" predicate reduces the per-class Dice
+  over the foreground classes before comparing it with ``dice_threshold``: ``mean`` (default) or
+  ``max`` (the authors' nnU-Net code, ``getOnlineDiceMax``). The paper does not say.
+* ``attack_samples``: which samples of a batch are attacked: ``correct`` (default; Algorithm 1
+  attacks only the samples the clean forward segments correctly) or ``all`` (the authors' code,
+  whose clean check is ``Dice >= 0``; the margin then moves by the noisy sample's correctness).
+* ``expand_rule``: when a margin grows: ``prediction`` (default, Algorithm 1 line 13) or
+  ``no_crossing``.
+
+Any other ``NNUNET_IMA_*`` variable (a misspelt key) is an error naming the closest known one,
+as an unknown key in the JSON file is.
 
 >>> cfg = load_config("Dataset004_Hippocampus", patch_elements=56 * 40, is_2d=True, environ={})
->>> cfg.delta, cfg.eps_max, cfg.k, cfg.n
-(2.0, 15.0, 20, 10)
+>>> cfg.delta, cfg.eps_max, cfg.k, cfg.n, cfg.dice_reduction, cfg.attack_samples
+(2.0, 15.0, 20, 10, 'mean', 'correct')
 
-Everything is checked once, at start-up, and every problem is reported in one :class:`ConfigError`.
+Everything is checked once, at start-up, and every problem is reported in one :class:`ConfigError`
+(one line; an uncaught one prints without a traceback, see :mod:`nnunet_ima_trainers`).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
+import zipfile
 from dataclasses import dataclass, field, fields
 
 from nnunet_ima.norms import NORMS
+from nnunet_ima.predicates import REDUCTIONS
 
 ENV_PREFIX = "NNUNET_IMA_"
 CONFIG_FILE_VAR = "NNUNET_IMA_CONFIG"
@@ -34,6 +51,9 @@ PAPER_TASKS: dict[str, tuple[float, float]] = {
     "hippocampus": (2.0, 15.0),
     "prostate": (10.0, 40.0),
 }
+EXPAND_RULES = ("prediction", "no_crossing")
+DICE_REDUCTIONS = tuple(REDUCTIONS)   # ("mean", "max"): nnunet_ima.predicates.reduce_classes
+ATTACK_SAMPLES = ("correct", "all")
 
 
 class ConfigError(ValueError):
@@ -49,6 +69,8 @@ class IMAConfig:
     k: int = 20                    # PGD steps of BPGD (and of SAT's PGD); step size 4 * eps / k
     n: int = 10                    # binary-search steps of BPGD
     dice_threshold: float = 0.6    # a sample is "correct" when its foreground Dice >= this (section 3.5)
+    dice_reduction: str = "mean"   # foreground Dice of a sample: "mean" or "max" (authors' code) over classes
+    attack_samples: str = "correct"  # attacked: "correct" (clean-correct only, Algorithm 1) or "all" (authors' code)
     norm: str = "l2"               # attack norm over the whole input patch: "l2" (paper) or "linf"
     expand_rule: str = "prediction"  # when a margin grows: "prediction" (Algorithm 1 line 13) or "no_crossing"
     sat_eps: float = 0.0           # nnUNetTrainerSAT's fixed eps; default eps_max (the shared upper bound, 3.1)
@@ -67,14 +89,22 @@ class IMAConfig:
 
 
 KEYS = tuple(f.name for f in fields(IMAConfig) if f.name != "sources")
-_INT_KEYS = {"k", "n", "epochs", "iters", "val_iters"}
-_STR_KEYS = {"norm", "expand_rule"}
+_INT_KEYS = ("k", "n", "epochs", "iters", "val_iters")
 _PATH_KEYS = {"init_weights"}
-EXPAND_RULES = ("prediction", "no_crossing")
+CHOICES: dict[str, tuple[str, ...]] = {   # the string settings and their allowed values
+    "norm": tuple(sorted(NORMS)),
+    "expand_rule": EXPAND_RULES,
+    "dice_reduction": DICE_REDUCTIONS,
+    "attack_samples": ATTACK_SAMPLES,
+}
+_STR_KEYS = set(CHOICES)
 
 
 def env_name(key: str) -> str:
     return ENV_PREFIX + key.upper()
+
+
+ENV_NAMES = frozenset([CONFIG_FILE_VAR, *(env_name(k) for k in KEYS)])  # every NNUNET_IMA_* variable read
 
 
 def generic_eps_max(patch_elements: int) -> float:
@@ -93,56 +123,99 @@ def paper_task(dataset_name: str) -> str | None:
 
 def load_config(dataset_name: str, patch_elements: int, is_2d: bool, *, trainer_defaults: dict | None = None,
                 environ=None) -> IMAConfig:
-    """Read, complete and validate the settings. Raises :class:`ConfigError` listing every problem."""
-    environ = os.environ if environ is None else environ
-    errors: list[str] = []
-    values: dict = {}
-    sources: dict = {}
+    """Read, complete and validate the settings. Raises :class:`ConfigError` listing every problem.
 
-    path = environ.get(CONFIG_FILE_VAR)
-    if path:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{CONFIG_FILE_VAR}={path}: cannot read the config file ({e})") from None
-        unknown = sorted(set(data) - set(KEYS))
-        if unknown:
-            errors.append(f"{CONFIG_FILE_VAR}={path}: unknown keys {unknown} (known: {list(KEYS)})")
-        for key in KEYS:
-            if key in data and data[key] is not None:
-                values[key], sources[key] = _parse(key, data[key], f"{path}:{key}", errors), f"file {path}"
-    for key in KEYS:
-        raw = environ.get(env_name(key))
-        if raw is not None and raw.strip() != "":
-            values[key], sources[key] = _parse(key, raw, env_name(key), errors), "env " + env_name(key)
-    for key, value in (trainer_defaults or {}).items():
-        if key not in values and value is not None:
-            values[key], sources[key] = value, "trainer class"
+    ``patch_elements``: elements of one input patch, all channels (for the generic eps_max);
+    ``environ``: the variables to read (default ``os.environ``). The steps: refuse unknown
+    ``NNUNET_IMA_*`` names; layer trainer class < file < environment; fill the eps defaults;
+    validate the whole.
+    """
+    environ = os.environ if environ is None else environ
+    errors = unknown_variables(environ)
+    chosen: dict[str, tuple] = {}                       # key -> (value, source)
+    chosen.update(_from_trainer(trainer_defaults))
+    chosen.update(_from_file(environ.get(CONFIG_FILE_VAR), errors))
+    chosen.update(_from_env(environ, errors))
     if errors:
         raise ConfigError(_message(errors))
-
-    task = paper_task(dataset_name) if is_2d else None
-    if "eps_max" not in values:
-        if task:
-            values["eps_max"], sources["eps_max"] = PAPER_TASKS[task][1], f"paper default for {task} (2d)"
-        else:
-            values["eps_max"] = generic_eps_max(patch_elements)
-            sources["eps_max"] = f"generic default 3*sqrt({patch_elements}/3072)"
-    if "delta" not in values:
-        if task and sources["eps_max"].startswith("paper"):
-            values["delta"], sources["delta"] = PAPER_TASKS[task][0], f"paper default for {task} (2d)"
-        else:
-            values["delta"], sources["delta"] = float(f"{values['eps_max'] / 4:.3g}"), "default eps_max / 4"
-    if "sat_eps" not in values:
-        values["sat_eps"], sources["sat_eps"] = values["eps_max"], "default eps_max"
-    cfg = IMAConfig(**values, sources=sources)
+    chosen.update(_eps_defaults(dataset_name, patch_elements, is_2d, chosen))
+    cfg = IMAConfig(**{k: v for k, (v, _) in chosen.items()}, sources={k: s for k, (_, s) in chosen.items()})
     _validate(cfg, errors)
     if errors:
         raise ConfigError(_message(errors))
     return cfg
+
+
+def closest(word: str, candidates) -> str | None:
+    """The candidate most like ``word`` (difflib ratio >= 0.6; ties go to the longer shared prefix), or None."""
+    word = word.lower()
+    scored = [(difflib.SequenceMatcher(None, word, c.lower()).ratio(), len(os.path.commonprefix([word, c.lower()])),
+               c) for c in candidates]
+    score, _, best = max(scored, default=(0.0, 0, None))
+    return best if score >= 0.6 else None
+
+
+def unknown_variables(environ) -> list[str]:
+    """One error per ``NNUNET_IMA_*`` variable (any case) that this module does not read, naming the
+    closest known variable."""
+    errors = []
+    suffixes = {name[len(ENV_PREFIX):]: name for name in ENV_NAMES}
+    for name in sorted(n for n in environ if n.upper().startswith(ENV_PREFIX) and n not in ENV_NAMES):
+        guess = closest(name[len(ENV_PREFIX):], suffixes)
+        hint = f"did you mean {suffixes[guess]}?" if guess else f"known: {', '.join(sorted(ENV_NAMES))}"
+        errors.append(f"unknown variable {name} ({hint})")
+    return errors
+
+
+def _from_trainer(defaults: dict | None) -> dict:
+    return {k: (v, "trainer class") for k, v in (defaults or {}).items() if v is not None}
+
+
+def _from_file(path: str | None, errors: list[str]) -> dict:
+    """The settings of the JSON file ``path`` (none when unset); unknown keys are errors."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{CONFIG_FILE_VAR}={path}: cannot read the config file ({e})") from None
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        guesses = [f"{u} -> {g}" for u in unknown if (g := closest(u, KEYS))]
+        hint = f"did you mean {', '.join(guesses)}? " if guesses else ""
+        errors.append(f"{CONFIG_FILE_VAR}={path}: unknown keys {unknown} ({hint}known: {list(KEYS)})")
+    return {key: (_parse(key, data[key], f"{path}:{key}", errors), f"file {path}")
+            for key in KEYS if data.get(key) is not None}
+
+
+def _from_env(environ, errors: list[str]) -> dict:
+    """The settings given as non-empty ``NNUNET_IMA_<KEY>`` variables."""
+    out = {}
+    for key in KEYS:
+        raw = environ.get(env_name(key))
+        if raw is not None and raw.strip() != "":
+            out[key] = (_parse(key, raw, env_name(key), errors), "env " + env_name(key))
+    return out
+
+
+def _eps_defaults(dataset_name: str, patch_elements: int, is_2d: bool, chosen: dict) -> dict:
+    """eps_max, delta and sat_eps where no layer set them: the paper's values for its tasks (2d),
+    otherwise eps_max by :func:`generic_eps_max`, delta = eps_max / 4, sat_eps = eps_max."""
+    out = {}
+    task = paper_task(dataset_name) if is_2d else None
+    eps = chosen.get("eps_max")
+    if eps is None:
+        eps = out["eps_max"] = ((PAPER_TASKS[task][1], f"paper default for {task} (2d)") if task else
+                                (generic_eps_max(patch_elements), f"generic default 3*sqrt({patch_elements}/3072)"))
+    if "delta" not in chosen:
+        out["delta"] = ((PAPER_TASKS[task][0], f"paper default for {task} (2d)") if task and eps[1].startswith("paper")
+                        else (float(f"{eps[0] / 4:.3g}"), "default eps_max / 4"))
+    if "sat_eps" not in chosen:
+        out["sat_eps"] = (eps[0], "default eps_max")
+    return out
 
 
 def _message(errors: list[str]) -> str:
@@ -165,20 +238,40 @@ def _parse(key: str, raw, where: str, errors: list[str]):
             raise ValueError
         return float(raw)
     except (TypeError, ValueError):
-        kind = "a string" if key in _STR_KEYS | _PATH_KEYS else "an integer" if key in _INT_KEYS else "a number"
+        kind = "a string" if key in _STR_KEYS or key in _PATH_KEYS else "an integer" if key in _INT_KEYS else "a number"
         errors.append(f"{where}={raw!r} is not {kind}")
         return None
 
 
 def _validate(cfg: IMAConfig, errors: list[str]) -> None:
+    """Append one message per invalid value of ``cfg``, each naming where the value came from."""
     def src(key):
         return f"(from {cfg.sources.get(key, 'default')})"
 
+    _check_eps(cfg, src, errors)
+    if not 0.0 < cfg.dice_threshold < 1.0:
+        errors.append(f"dice_threshold must be in (0, 1), got {cfg.dice_threshold} {src('dice_threshold')}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            errors.append(f"unknown {key} {getattr(cfg, key)!r} {src(key)}, known: {list(allowed)}")
+    for key in _INT_KEYS:
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            errors.append(f"{key} must be >= 1, got {value} {src(key)}")
+    if cfg.init_weights is not None:
+        problem = checkpoint_problem(cfg.init_weights)
+        if problem:
+            errors.append(f"init_weights: {problem} {src('init_weights')}")
+
+
+def _check_eps(cfg: IMAConfig, src, errors: list[str]) -> None:
+    """eps_max > 0; 0 < delta <= eps_max; sat_eps > 0. A default derived from a bad eps_max is not
+    reported again (its error would only repeat eps_max's)."""
     eps_ok = math.isfinite(cfg.eps_max) and cfg.eps_max > 0
     if not eps_ok:
         errors.append(f"eps_max must be > 0, got {cfg.eps_max} {src('eps_max')}")
 
-    def derived(key):  # a default computed from a bad eps_max: its error would only repeat that one
+    def derived(key):
         return not eps_ok and cfg.sources.get(key, "").startswith("default eps_max")
 
     if derived("delta"):
@@ -188,17 +281,28 @@ def _validate(cfg: IMAConfig, errors: list[str]) -> None:
     elif math.isfinite(cfg.eps_max) and cfg.delta > cfg.eps_max:
         errors.append(f"delta must be <= eps_max, got delta={cfg.delta} {src('delta')} > eps_max={cfg.eps_max} "
                       f"{src('eps_max')}")
-    if not 0.0 < cfg.dice_threshold < 1.0:
-        errors.append(f"dice_threshold must be in (0, 1), got {cfg.dice_threshold} {src('dice_threshold')}")
-    if cfg.norm not in NORMS:
-        errors.append(f"unknown norm {cfg.norm!r} {src('norm')}, known norms: {sorted(NORMS)}")
-    if cfg.expand_rule not in EXPAND_RULES:
-        errors.append(f"unknown expand_rule {cfg.expand_rule!r} {src('expand_rule')}, known: {list(EXPAND_RULES)}")
     if not derived("sat_eps") and not (math.isfinite(cfg.sat_eps) and cfg.sat_eps > 0):
         errors.append(f"sat_eps must be > 0, got {cfg.sat_eps} {src('sat_eps')}")
-    if cfg.init_weights is not None and not os.path.isfile(cfg.init_weights):
-        errors.append(f"init_weights: no such file {cfg.init_weights} {src('init_weights')}")
-    for key in ("k", "n", "epochs", "iters", "val_iters"):
-        value = getattr(cfg, key)
-        if value is not None and value < 1:
-            errors.append(f"{key} must be >= 1, got {value} {src(key)}")
+
+
+# torch.save's legacy (pre-1.6) format starts with this pickled magic number; the current one is a zip
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a PyTorch checkpoint (missing, not a file, not written by ``torch.save``),
+    or None. Reads only the file's header / zip directory, not the weights."""
+    if not os.path.isfile(path):
+        return f"no such file {path}"
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                    return None
+        else:
+            with open(path, "rb") as f:
+                if f.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC:
+                    return None
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror or e})"
+    return f"{path} is not a PyTorch checkpoint (expected nnU-Net's checkpoint_final.pth or checkpoint_best.pth)"

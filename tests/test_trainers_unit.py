@@ -26,6 +26,7 @@ def test_paper_defaults_per_task(name, delta, eps_max):
     c = cfg(name)
     assert (c.delta, c.eps_max, c.k, c.n, c.dice_threshold, c.norm) == (delta, eps_max, 20, 10, 0.6, "l2")
     assert c.expand_rule == "prediction"  # Algorithm 1 line 13: g(z~) = y
+    assert c.attack_samples == "correct" and c.dice_reduction == "mean"  # Algorithm 1 attacks clean-correct samples
     assert c.sat_eps == eps_max and "paper" in c.sources["eps_max"]
 
 
@@ -61,6 +62,8 @@ def test_trainer_defaults_lose_to_env():
     ({"dice_threshold": 0}, "dice_threshold must be in (0, 1)"),
     ({"norm": "l3"}, "unknown norm 'l3'"),
     ({"expand_rule": "crossed"}, "unknown expand_rule 'crossed'"),
+    ({"dice_reduction": "min"}, "unknown dice_reduction 'min'"),
+    ({"attack_samples": "wrong"}, "unknown attack_samples 'wrong'"),
     ({"k": "abc"}, "NNUNET_IMA_K='abc' is not an integer"),
     ({"iters": 0}, "iters must be >= 1"),
 ])
