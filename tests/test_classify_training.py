@@ -2,6 +2,7 @@
 with agreeing margins, and the command line end to end (small sizes)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_resume_gives_identical_weights_and_margins(moons, tmp_path):
     assert full.method.store.keys() == resumed.method.store.keys()
     assert torch.equal(full.method.store.margins, resumed.method.store.margins)
     assert not any(p.name.startswith(".") for p in (tmp_path / "cut").iterdir())  # no temporary files left
+    assert not any(".tmp" in p.name for p in (tmp_path / "cut").iterdir())
+    log = (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2, 3]  # the log matches the checkpoint's history
 
 
 def test_resume_is_not_a_fresh_start(moons, tmp_path):
@@ -115,9 +119,10 @@ def test_cli_missing_dataset_message(tmp_path, capsys):
 def test_autoattack_two_and_ten_classes():
     """torchattacks AutoAttack: apgd-ce + square for 2 classes, version='standard' for 10 (inputs in [0, 1])."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 1, 4, 4, generator=g)
+    x = torch.rand(6, 1, 6, 6, generator=g)  # L2 Square needs images of at least 5x5 pixels
+    torch.manual_seed(0)
     for classes in (2, 10):
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes)).eval()
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(36, classes)).eval()
         from nnunet_ima.classify.datasets import IndexedDataset
 
         y = model(x).argmax(1).detach()
@@ -134,9 +139,10 @@ def test_rng_state_roundtrip_through_weights_only_file(tmp_path):
 
     import numpy as np
 
-    from nnunet_ima.classify.train import rng_state, save_atomic, set_rng_state
+    from nnunet_ima.classify.train import rng_state, set_rng_state
+    from nnunet_ima.plumbing import atomic_torch_save
 
-    save_atomic({"rng": rng_state()}, tmp_path / "r.pt")
+    atomic_torch_save({"rng": rng_state()}, tmp_path / "r.pt")
     first = (torch.rand(3), np.random.rand(3), random.random())
     set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())

@@ -1,15 +1,25 @@
 """``python -m nnunet_ima.classify [run|train|eval] ...``
 
 With no arguments: ``run`` on Moons (the earlier paper's experiment: STD, SAT0.3, IMA; 30 epochs,
-Linf, PGD-100 / IFGSM-10 at eps 0.1, 0.2, 0.3), a few minutes on a 2-core CPU; prints the table and
-the output folder. ``--quick`` shrinks any run (2000 training / 500 test samples, at most 10
-epochs, IMA's Delta raised to eps_max / epochs) for smoke tests.
+Linf, PGD-100 / IFGSM-10 at eps 0.1, 0.2, 0.3), a few minutes on a 2-core CPU; prints the table, one
+sentence per noise level saying what it shows, and the output folder (``runs/classify/<dataset>-<time>``).
+``--quick`` shrinks any run for smoke tests (2000 training / 500 test samples, at most 10 epochs)
+and says what it changed.
+
+Your own images: ``run --dataset imagefolder --data-root DIR`` with ``DIR/<class>/*.png`` (split
+here, ``--test-split``) or ``DIR/train/<class>`` + ``DIR/test/<class>``; ``--image-size`` resizes on
+load, ``--model`` picks the network (default: chosen from the image size).
+
+Every argument, path and device is checked before data are loaded or anything is trained; a bad
+one is one line on stderr and exit code 2. A folder that holds a run is continued with ``--resume``
+or started again with ``--overwrite``, never mixed.
 
 Multi-process: ``torchrun --nproc_per_node 2 -m nnunet_ima.classify train ...``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import replace
@@ -17,43 +27,72 @@ from pathlib import Path
 
 import torch
 
-from .datasets import DatasetMissingError, load_dataset
-from .evaluate import ATTACKS, EvalConfig, evaluate, format_table
-from .experiment import RunConfig, default_out, load_splits, run_experiment, train_config
-from .methods import METHODS
+from nnunet_ima.plumbing import atomic_write_text, to_plain
+
+from .checks import ArgError, check_checkpoint, check_data_options, check_device, check_eval_options, \
+    check_numbers, check_paths, check_schedule, parse_methods
+from .datasets import DatasetError
+from .evaluate import ATTACKS, EvalConfig, aa_announcement, evaluate, format_table
+from .experiment import ModelInputError, RunConfig, check_model, load_splits, method_config, prepare_run, \
+    run_experiment, train_config
+from .methods import METHODS, build_method
+from .models import MODELS
 from .presets import PRESETS, get_preset
-from .train import model_from_checkpoint, train
+from .train import RunExistsError, model_from_checkpoint, train
+from .verdict import verdict
 
 QUICK = {"limit_train": 2000, "limit_test": 500, "max_epochs": 10}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block): ``error: argument --x: ...``."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _floats(s: str) -> tuple:
-    return tuple(float(v) for v in s.split(",") if v.strip())
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.5,1.0), got {s!r}") from None
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and run")
     g.add_argument("--dataset", default="moons", choices=sorted(PRESETS))
-    g.add_argument("--data-root", default=None, help="folder with the dataset files (default per dataset)")
+    g.add_argument("--data-root", default=None, help="folder with the dataset's files (default per dataset); "
+                   "imagefolder: DIR/<class>/*.png or DIR/train/<class> + DIR/test/<class>")
+    g.add_argument("--image-size", type=int, help="imagefolder/covid: resize every image to N x N pixels on load")
+    g.add_argument("--test-split", type=float, help="imagefolder DIR/<class> layout: fraction held out for testing "
+                   "(default 0.2)")
+    g.add_argument("--val-split", type=float, help="imagefolder DIR/<class> layout: fraction for validation "
+                   "(default 0.1; used by --eval-split val)")
     g.add_argument("--out", default=None, help="output folder (default runs/classify/<dataset>-<time>)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="seed of the data split and training (0)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--quick", action="store_true", help="small and fast: 2000/500 samples, <= 10 epochs")
     g.add_argument("--limit-train", type=int, default=None)
     g.add_argument("--limit-test", type=int, default=None)
     g.add_argument("--no-progress", action="store_true")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     h = p.add_argument_group("training (defaults: the dataset's preset from the papers)")
+    h.add_argument("--model", choices=sorted(MODELS), help="network (default: the preset's; imagefolder: from the "
+                   "image size: resnet18_in from 33 px, fashion_cnn/svhn_cnn at 25-32 px, digits_mlp below)")
     h.add_argument("--epochs", type=int)
     h.add_argument("--batch-size", type=int)
     h.add_argument("--lr", type=float)
     h.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
-    h.add_argument("--norm", choices=("l2", "linf"))
+    h.add_argument("--norm", choices=("l2", "linf"), help="norm of the training perturbations and of the attacks")
     h.add_argument("--eps-train", type=float, help="training bound (IMA eps_max, SAT/TRADES/FAT/rand eps, MMA d_max)")
     h.add_argument("--delta", type=float, help="IMA margin expansion step")
     h.add_argument("--std-warmup-epochs", type=int, help="clean epochs before the method starts")
-    h.add_argument("--resume", action="store_true", help="continue from <out>/<method>/checkpoint.pt")
-    h.add_argument("--init-from", default=None, help="start from these weights (a checkpoint.pt, e.g. of STD); in 'run', 'std' means "
-                        "this run's STD model")
+    h.add_argument("--resume", action="store_true", help="continue the run in --out (from its checkpoint.pt)")
+    h.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an old run")
+    h.add_argument("--init-from", default=None, help="start from these weights (a checkpoint.pt, e.g. of STD); in "
+                   "'run', 'std' means this run's STD model")
     m = p.add_argument_group("method options")
     m.add_argument("--steps", type=int, help="K, PGD steps of the training attacks (20)")
     m.add_argument("--search-steps", type=int, help="N, binary-search steps (10)")
@@ -63,17 +102,28 @@ def _common(p: argparse.ArgumentParser) -> None:
     m.add_argument("--trades-beta", type=float)
     m.add_argument("--fat-tau", type=int, help="fixed tau (default: FAT's dynamic schedule)")
     m.add_argument("--mma-clean-weight", type=float)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation")
     e.add_argument("--eps", type=_floats, help="noise levels, comma-separated (default: the papers')")
-    e.add_argument("--attacks", default=",".join(ATTACKS), help="subset of pgd,ifgsm,aa")
-    e.add_argument("--pgd-steps", type=int)
+    e.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(ATTACKS)} (default: the "
+                   "preset's; AutoAttack 'aa' is slow and announced with its cost)")
+    e.add_argument("--pgd-steps", type=int, help="PGD iterations of the evaluation (100)")
+    e.add_argument("--steps-pgd", type=int, dest="pgd_steps", help=argparse.SUPPRESS)  # old spelling
     e.add_argument("--aa-queries", type=int, help="Square queries for the 2-class AutoAttack (5000)")
     e.add_argument("--eval-split", choices=("test", "val"), default="test")
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    _data_args(p)
+    _train_args(p)
+    _eval_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m nnunet_ima.classify", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m nnunet_ima.classify", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="train several methods, evaluate them, print the comparison table")
     _common(r)
@@ -89,109 +139,177 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_config(a) -> RunConfig:
-    p = get_preset(a.dataset).with_(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
-                                    norm=a.norm, eps_train=a.eps_train, delta=a.delta, eval_eps=a.eps,
-                                    std_warmup_epochs=a.std_warmup_epochs)
-    limit_train, limit_test = a.limit_train, a.limit_test
-    if a.quick:
-        limit_train = limit_train or QUICK["limit_train"]
-        limit_test = limit_test or QUICK["limit_test"]
-        epochs = min(p.epochs, QUICK["max_epochs"]) if a.epochs is None else p.epochs
-        p = p.with_(epochs=epochs, std_warmup_epochs=min(p.std_warmup_epochs, epochs // 2),
-                    delta=a.delta or max(p.delta, p.eps_train / epochs))
-    mo = {k: getattr(a, k) for k in ("steps", "search_steps", "ima_loss", "ima_beta", "ima_rule", "trades_beta",
-                                     "fat_tau", "mma_clean_weight") if getattr(a, k) is not None}
-    eo = {"attacks": tuple(s for s in a.attacks.split(",") if s)}
+def quick_delta(delta: float, ima_epochs: int, target_eps: float, eps_max: float) -> tuple[float, str]:
+    """--quick keeps IMA's Delta unless margins, growing by at most Delta per epoch, could not reach
+    ``target_eps`` (the middle noise level evaluated) in the shortened schedule: then IMA could not be
+    judged where the table judges it, and Delta becomes target_eps / epochs."""
+    reach = ima_epochs * delta
+    if reach >= target_eps - 1e-12 or ima_epochs < 1:
+        return delta, f"IMA's Delta {delta:g} kept (margins can grow to {reach:g} in {ima_epochs} epochs)"
+    new = min(target_eps / ima_epochs, eps_max)
+    return new, (f"IMA's Delta raised from {delta:g} to {new:g} so that margins can reach the middle noise level "
+                 f"evaluated ({target_eps:g}) in {ima_epochs} epochs")
+
+
+def apply_quick(p, a, specs: tuple) -> tuple:
+    """(preset, limit_train, limit_test, message) for --quick; the message lists every change."""
+    lt, le = a.limit_train or QUICK["limit_train"], a.limit_test or QUICK["limit_test"]
+    epochs = min(p.epochs, QUICK["max_epochs"]) if a.epochs is None else p.epochs
+    warm = min(p.std_warmup_epochs, epochs // 2) if a.std_warmup_epochs is None else p.std_warmup_epochs
+    said = [f"at most {lt} training / {le} test samples"]
+    if epochs != p.epochs:
+        said.append(f"{epochs} epochs instead of {p.epochs}")
+    if warm != p.std_warmup_epochs:
+        said.append(f"{warm} clean warm-up epochs instead of {p.std_warmup_epochs}")
+    delta = p.delta
+    if any(s.partition(":")[0] == "ima" for s in specs) and a.delta is None:
+        middle = sorted(p.eval_eps)[len(p.eval_eps) // 2]
+        delta, text = quick_delta(p.delta, epochs - warm, middle, p.eps_train)
+        said.append(text)
+    return p.with_(epochs=epochs, std_warmup_epochs=warm, delta=delta), lt, le, "quick: " + "; ".join(said)
+
+
+def _method_overrides(a) -> dict:
+    return {k: getattr(a, k) for k in ("steps", "search_steps", "ima_loss", "ima_beta", "ima_rule", "trades_beta",
+                                       "fat_tau", "mma_clean_weight") if getattr(a, k, None) is not None}
+
+
+def _eval_overrides(a) -> dict:
+    eo = {}
+    if a.attacks is not None:
+        eo["attacks"] = tuple(s.strip() for s in a.attacks.split(",") if s.strip())
     if a.pgd_steps:
         eo["pgd_steps"] = a.pgd_steps
     if a.aa_queries:
         eo["aa_queries"] = a.aa_queries
-    return RunConfig(dataset=a.dataset, data_root=a.data_root, out=a.out, seed=a.seed, device=a.device, preset=p,
-                     limit_train=limit_train, limit_test=limit_test, eval_split=a.eval_split, resume=a.resume,
-                     init_from=a.init_from, progress=not a.no_progress, method_overrides=mo, eval_overrides=eo)
+    return eo
 
 
-def _parse_methods(spec: str) -> tuple:
-    out = []
-    for s in spec.split(","):
-        name = s.split(":")[0].strip()
-        if name not in METHODS:
-            raise SystemExit(f"error: unknown method {name!r}; known: {sorted(METHODS)}")
-        out.append(s.strip())
-    return tuple(out)
+def check_args(a) -> None:
+    """Everything about the command line that can be checked without data (see :mod:`.checks`)."""
+    check_numbers(a)
+    check_eval_options(a)
+    check_device(a.device)
+    check_paths(a, a.command)
+    check_data_options(a)
+
+
+def run_config(a, specs: tuple = ()) -> RunConfig:
+    """RunConfig from the parsed arguments, after :func:`check_args` and the preset-level checks."""
+    check_args(a)
+    p = get_preset(a.dataset).with_(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
+                                    norm=a.norm, eps_train=a.eps_train, delta=a.delta, eval_eps=a.eps,
+                                    std_warmup_epochs=a.std_warmup_epochs)
+    limit_train, limit_test = a.limit_train, a.limit_test
+    message = None
+    if a.quick:
+        p, limit_train, limit_test, message = apply_quick(p, a, specs)
+    mo = _method_overrides(a)
+    makers = [lambda s=s: build_method(s.partition(":")[0], method_config(
+        p, None, **dict(mo, **({"eps": float(s.partition(":")[2])} if ":" in s else {})))) for s in specs]
+    check_schedule(p, specs, a.init_from, makers)
+    if message and a.command != "eval":
+        print(message, flush=True)
+    return RunConfig(dataset=a.dataset, data_root=a.data_root, out=a.out, seed=a.seed or 0, device=a.device,
+                     preset=p, model=a.model, image_size=a.image_size, test_split=a.test_split,
+                     val_split=a.val_split, limit_train=limit_train, limit_test=limit_test, eval_split=a.eval_split,
+                     resume=a.resume, overwrite=a.overwrite, init_from=a.init_from, progress=not a.no_progress,
+                     method_overrides=mo, eval_overrides=_eval_overrides(a))
 
 
 def cmd_run(a) -> int:
-    cfg = run_config(a)
-    cfg.methods = _parse_methods(a.methods)
-    cfg.out = cfg.out or default_out(cfg.dataset)
+    specs = parse_methods(a.methods)
+    cfg = run_config(a, specs)
+    cfg.methods = specs
     t0 = time.perf_counter()
     results = run_experiment(cfg)
     if results:
-        import json
-
-        print(Path(cfg.out, "table.txt").read_text(), end="")
         extra = json.loads(Path(cfg.out, "run.json").read_text())
+        print(Path(cfg.out, "table.txt").read_text(), end="")
         for k, v in extra.items():
             if k.startswith("suggested_sat_eps_"):
                 m = k.removeprefix("suggested_sat_eps_")
                 print(f"{m.upper()} margins: median {v:.4g} (suggested SAT eps, see margins_{m}.png), "
                       f"mean {extra['margins_' + m]['mean']:.4g}")
+        for sentence in extra["verdict"]:
+            print(sentence)
         print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - t0:.0f}s): "
               + ", ".join(extra["files"]) + ", one folder per method (checkpoint.pt, train_log.jsonl)")
     return 0
 
 
 def cmd_train(a) -> int:
-    cfg = run_config(a)
-    spec = _parse_methods(a.method)[0]
-    cfg.out = cfg.out or default_out(cfg.dataset)
+    spec = parse_methods(a.method, "--method")
+    cfg = run_config(a, spec)
+    cfg.methods = spec
+    splits = prepare_run(cfg)
     if cfg.preset.threads and not str(cfg.device).startswith("cuda"):
         torch.set_num_threads(cfg.preset.threads)
-    splits = load_splits(cfg)
-    tc = train_config(cfg, spec, Path(cfg.out), splits.clip)
-    tc = replace(tc, stop_after_epoch=a.stop_after_epoch)
-    res = train(tc, splits)
+    tc = train_config(cfg, spec[0], Path(cfg.out), splits.clip)
+    res = train(replace(tc, stop_after_epoch=a.stop_after_epoch), splits)
     print(f"checkpoint: {res.checkpoint.resolve()}")
     if getattr(res.method, "uses_margins", False):
         print(f"{res.method.summary()}; suggested SAT eps (median margin): {res.method.store.suggest_sat_eps():.4g}")
     return 0
 
 
+def _eval_data(a, cfg: RunConfig, meta: dict):
+    """The data a checkpoint was trained on (its saved split settings, unless given here), checked
+    against the model's input shape."""
+    data = meta.get("data") or {}
+    cfg.dataset = meta["dataset"]
+    cfg.data_root = a.data_root or data.get("root")
+    cfg.seed = a.seed if a.seed is not None else data.get("seed", 0)
+    cfg.image_size = a.image_size or data.get("image_size")
+    cfg.test_split = a.test_split if a.test_split is not None else data.get("test_split")
+    cfg.val_split = a.val_split if a.val_split is not None else data.get("val_split")
+    norm = a.norm or meta["config"]["method_cfg"]["norm"]
+    cfg.preset = get_preset(cfg.dataset).with_(eval_eps=a.eps, norm=norm)
+    splits = load_splits(cfg)
+    if tuple(splits.in_shape) != tuple(meta["in_shape"]):
+        raise ModelInputError(f"the checkpoint's model takes inputs of shape {tuple(meta['in_shape'])}, this data "
+                              f"gives {tuple(splits.in_shape)}: pass --image-size {meta['in_shape'][-1]}")
+    return splits
+
+
+def _row_name(meta: dict, path: str, taken) -> str:
+    name = meta["config"]["method"]
+    if name in ("sat", "rand"):  # fixed-eps methods carry their eps in the name, as in the papers
+        name += f"{meta['config']['method_cfg']['eps']:g}"
+    return name if name not in taken else f"{name}({path})"
+
+
 def cmd_eval(a) -> int:
+    if a.model:
+        raise ArgError(f"--model {a.model}: eval rebuilds each model from its checkpoint; leave --model out")
     cfg = run_config(a)
-    results = {}
-    splits = None
-    for path in a.checkpoints:
-        model, ck = model_from_checkpoint(path, a.device)
-        meta = ck["meta"]
-        if splits is None:  # dataset and norm of the (first) checkpoint unless given
-            cfg.dataset = meta["dataset"]
-            norm = a.norm or meta["config"]["method_cfg"]["norm"]
-            cfg.preset = get_preset(cfg.dataset).with_(eval_eps=a.eps, norm=norm)
-            splits = load_splits(cfg)
-        ecfg = replace(EvalConfig(eps=cfg.preset.eval_eps, norm=cfg.preset.norm, clip=splits.clip, seed=a.seed,
-                                  device=a.device, progress=not a.no_progress), **cfg.eval_overrides)
+    metas = [check_checkpoint("checkpoint", path)["meta"] for path in a.checkpoints]
+    results, splits = {}, None
+    for path, meta in zip(a.checkpoints, metas):
+        if splits is None:  # dataset, split and norm of the (first) checkpoint unless given
+            splits = _eval_data(a, cfg, meta)
+            check_model(meta["model"], splits.num_classes, splits.in_shape)
+        model, _ = model_from_checkpoint(path, a.device)
+        ecfg = replace(EvalConfig(eps=cfg.preset.eval_eps, norm=cfg.preset.norm, attacks=cfg.preset.eval_attacks,
+                                  clip=splits.clip, seed=cfg.seed, device=a.device, progress=not a.no_progress),
+                       **cfg.eval_overrides)
+        if not results and (note := aa_announcement(ecfg, splits.num_classes)) and not a.no_progress:
+            print(note, flush=True)
         data = splits.val if a.eval_split == "val" else splits.test
-        name = meta["config"]["method"]
-        if name in ("sat", "rand"):  # fixed-eps methods carry their eps in the name, as in the papers
-            name += f"{meta['config']['method_cfg']['eps']:g}"
-        name = name if name not in results else f"{name}({path})"
+        name = _row_name(meta, path, results)
         results[name] = evaluate(model, data, splits.num_classes, ecfg, desc=f"eval {name}")
     print(format_table(results, title=f"{cfg.dataset}, {cfg.preset.norm.upper()} norm"))
+    for sentence in verdict(results):
+        print(sentence)
     if a.out:
-        import json
-
-        from .train import _plain
-
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        Path(a.out, "table.txt").write_text(format_table(results) + "\n")
-        Path(a.out, "results.json").write_text(json.dumps(_plain(results), indent=1))
+        atomic_write_text(Path(a.out, "table.txt"), format_table(results) + "\n")
+        atomic_write_text(Path(a.out, "results.json"), json.dumps(to_plain(results, for_json=True), indent=1))
     return 0
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval}
+USER_ERRORS = (ArgError, DatasetError, ModelInputError, RunExistsError)
 
 
 def main(argv=None) -> int:
@@ -201,6 +319,6 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return COMMANDS[a.command](a)
-    except DatasetMissingError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ Loaders read the on-disk formats directly (no download at run time):
 * ``covid``   - SARS-CoV-2 CT-scan dataset as class folders ``COVID/`` and ``non-COVID/``, resized
   to 224x224 grey; label 0 uninfected, 1 infected; per class 200 test / 30 val / rest train with a
   fixed seed (1022/1000 train on the full dataset, as in the papers).
-* ``imagefolder`` - ``root/<class>/<image>`` (or ``root/train/<class>``, ``root/test/<class>``).
+* ``imagefolder`` - ``root/<class>/<image>`` split at random (``test_split``, ``val_split``) or
+  ``root/train/<class>`` + ``root/test/<class>``; ``size`` resizes on load.
 
 Images are stored as uint8 and scaled to [0, 1] per item. A missing dataset raises
 :class:`DatasetMissingError` saying where the files go.
@@ -34,7 +35,12 @@ FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetError(ValueError):
+    """The dataset cannot be used as it is (one class, images of different sizes, ...); the message
+    says what to change."""
+
+
+class DatasetMissingError(DatasetError, FileNotFoundError):
     """The dataset files are not where the loader looks; the message says where to put them."""
 
 
@@ -126,11 +132,11 @@ def read_idx(path) -> np.ndarray:
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if zero != 0 or dtype_code not in dtypes:
-        raise ValueError(f"{path}: not an idx file (magic {data[:4]!r})")
+        raise DatasetError(f"{path}: not an idx file (magic {data[:4]!r})")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {arr.size}")
+        raise DatasetError(f"{path}: expected {int(np.prod(dims))} values, found {arr.size}")
     return arr.reshape(dims)
 
 
@@ -240,15 +246,25 @@ def crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 
 def _read_images(files, size, grey: bool) -> torch.Tensor:
+    """uint8 (N, C, H, W) from image files; ``size`` resizes each to size x size (bilinear).
+
+    Without ``size`` all images must have one size: otherwise a :class:`DatasetError` names two files
+    that differ and ``--image-size``.
+    """
     from PIL import Image
 
-    out = []
+    out, first = [], None
     for f in files:
         with Image.open(f) as im:
             im = im.convert("L" if grey else "RGB")
             if size:
                 im = im.resize((size, size), Image.BILINEAR)
             a = np.asarray(im, dtype=np.uint8)
+        if first is None:
+            first = (f, a.shape[:2])
+        elif a.shape[:2] != first[1]:
+            raise DatasetError(f"images differ in size: {first[0]} is {first[1][0]}x{first[1][1]}, {f} is "
+                               f"{a.shape[0]}x{a.shape[1]}; pass --image-size N to resize all to NxN")
         out.append(a[None] if grey else a.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out)) if out else torch.empty(0, dtype=torch.uint8)
 
@@ -269,7 +285,7 @@ def load_covid(root=None, seed: int = 0, size: int = 224, n_test: int = 200, n_v
     for c, label in wanted.items():
         fs = files[c]
         if len(fs) < n_test + n_val + 1:
-            raise ValueError(f"covid: class {c} has {len(fs)} images, need more than {n_test + n_val}")
+            raise DatasetError(f"covid: class {c} has {len(fs)} images, need more than {n_test + n_val}")
         perm = np.random.default_rng(seed + label).permutation(len(fs))
         cuts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
         for split, idx in cuts.items():
@@ -279,34 +295,57 @@ def load_covid(root=None, seed: int = 0, size: int = 224, n_test: int = 200, n_v
     return Splits("covid", ds["train"], ds["val"], ds["test"], 2, (1, size, size), (0.0, 1.0))
 
 
-def load_imagefolder(root=None, seed: int = 0, size: int | None = None, grey: bool = True) -> Splits:
+IMAGEFOLDER_LAYOUT = "DIR/<class>/<image files> (split here) or DIR/train/<class>/... and DIR/test/<class>/..."
+
+
+def has_train_test(root) -> bool:
+    """True when ``root`` uses the train/ + test/ layout (its own split)."""
+    return root is not None and (Path(root) / "train").is_dir() and (Path(root) / "test").is_dir()
+
+
+def load_imagefolder(root=None, seed: int = 0, size: int | None = None, grey: bool = True,
+                     test_split: float = 0.2, val_split: float = 0.1) -> Splits:
+    """Images in class folders, labels by sorted folder name; uint8 (N, 1 or 3, H, W).
+
+    ``DIR/train/<class>`` + ``DIR/test/<class>``: that split (no val). ``DIR/<class>``: a fixed-seed
+    random split, ``test_split`` and ``val_split`` of the images (at least one test image) and the
+    rest for training. ``size``: resize every image to size x size on load.
+    """
     if root is None:
-        raise DatasetMissingError("imagefolder: pass --data-root DIR with DIR/<class>/<images> "
-                                  "(or DIR/train/<class>, DIR/test/<class>)")
+        raise DatasetMissingError(f"imagefolder: pass --data-root DIR with {IMAGEFOLDER_LAYOUT}")
     root = Path(root)
-    if (root / "train").is_dir() and (root / "test").is_dir():
+    if has_train_test(root):
         tr, te = _class_files(root / "train"), _class_files(root / "test")
-        classes = sorted(set(tr) | set(te))
+        classes = sorted(c for c in set(tr) | set(te) if tr.get(c) or te.get(c))
         def make(files):
             fl = [(f, classes.index(c)) for c in sorted(files) for f in files[c]]
             return IndexedDataset(_read_images([f for f, _ in fl], size, grey), torch.tensor([y for _, y in fl]))
+        _check_classes(root, classes)
         train, val, test = make(tr), None, make(te)
     else:
         files = _class_files(root)
         classes = sorted(c for c in files if files[c])
         fl = [(f, i) for i, c in enumerate(classes) for f in files[c]]
         if not fl:
-            raise _missing("imagefolder", root, "DIR/<class>/<image files> or DIR/train/<class> and DIR/test/<class>")
+            raise _missing("imagefolder", root, IMAGEFOLDER_LAYOUT)
+        _check_classes(root, classes)
         x = _read_images([f for f, _ in fl], size, grey)
         y = torch.tensor([c for _, c in fl])
         n = len(fl)
-        n_te, n_va = max(1, n // 10), n // 10
+        n_te, n_va = max(1, int(round(test_split * n))), int(round(val_split * n))
+        if n - n_te - n_va < 1:
+            raise DatasetError(f"imagefolder: {n} images leave none for training with test split {test_split:g} "
+                               f"and val split {val_split:g}")
         te, va, tr = _split_perm(n, (n_te, n_va, n - n_te - n_va), seed)
         train, val, test = _ds(x, y, tr), (_ds(x, y, va) if n_va else None), _ds(x, y, te)
-    if len(classes) < 2:
-        raise ValueError(f"imagefolder: need at least 2 class folders under {root}, found {classes}")
     shape = tuple(train.x.shape[1:])
     return Splits("imagefolder", train, val, test, len(classes), shape, (0.0, 1.0))
+
+
+def _check_classes(root, classes) -> None:
+    if len(classes) < 2:
+        raise DatasetError(f"imagefolder: need at least 2 class folders with images under {root}, found "
+                           f"{classes}; layout: {IMAGEFOLDER_LAYOUT}")
 
 
 LOADERS = {"moons": load_moons, "digits": load_digits, "fashion": load_fashion, "svhn": load_svhn,

@@ -11,13 +11,17 @@ from pathlib import Path
 
 import torch
 
+from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
+
 from . import distributed as ddp
-from .datasets import Splits, load_dataset
-from .evaluate import EvalConfig, evaluate, format_table, result_rows
+from .datasets import DatasetError, Splits, load_dataset
+from .evaluate import EvalConfig, aa_announcement, evaluate, format_table, result_rows
 from .methods import MethodConfig
+from .models import build_model, input_problem, model_for_shape
 from .plots import plot_accuracy_vs_eps, plot_decision_boundaries
 from .presets import STD_OPTIMIZER, Preset, get_preset
-from .train import TrainConfig, TrainResult, _plain, train
+from .train import CHECKPOINT, LOG, RunExistsError, TrainConfig, TrainResult, train
+from .verdict import verdict
 
 
 @dataclass
@@ -29,24 +33,78 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     preset: Preset | None = None            # None -> the dataset's preset
+    model: str | None = None                # None -> the preset's (imagefolder: chosen from the image size)
+    image_size: int | None = None           # imagefolder / covid: resize images to this many pixels a side
+    test_split: float | None = None         # imagefolder DIR/<class> layout: fraction held out for testing
+    val_split: float | None = None          # ... and for validation
     limit_train: int | None = None
     limit_test: int | None = None
     eval_split: str = "test"                # "test" or "val"
     resume: bool = False
+    overwrite: bool = False                 # start again in an ``out`` that holds an old run
     init_from: str | None = None            # weights for the non-STD methods; "std": this run's STD model
     progress: bool = True
     method_overrides: dict = field(default_factory=dict)  # MethodConfig fields (trades_beta, fat_tau, ...)
     eval_overrides: dict = field(default_factory=dict)    # EvalConfig fields (attacks, pgd_steps, ...)
 
 
+class ModelInputError(ValueError):
+    """The chosen model cannot take the dataset's inputs; the message names --image-size / --model."""
+
+
+FIXED_EPS = ("sat", "rand")  # methods trained at one eps: their rows carry it (SAT0.3), as in the papers
+RESULT_FILES = ("run.json", "table.txt", "results.csv", "results.json", "verdict.txt", "accuracy_vs_eps.png",
+                "decision_boundaries.png")
+
+
 def default_out(dataset: str) -> str:
     return str(Path("runs") / "classify" / f"{dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def data_spec(cfg: RunConfig) -> dict:
+    """How the data is loaded (saved in checkpoints, so ``eval`` loads the same split)."""
+    root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+    return {"dataset": cfg.dataset, "root": root, "seed": cfg.seed, "image_size": cfg.image_size,
+            "test_split": cfg.test_split, "val_split": cfg.val_split, "limit_train": cfg.limit_train,
+            "limit_test": cfg.limit_test}
+
+
 def load_splits(cfg: RunConfig) -> Splits:
     kwargs = {"augment": cfg.preset.augment} if cfg.dataset == "cifar10" else {}
+    if cfg.image_size and cfg.dataset in ("imagefolder", "covid"):
+        kwargs["size"] = cfg.image_size
+    if cfg.dataset == "imagefolder":
+        splits = {"test_split": cfg.test_split, "val_split": cfg.val_split}
+        kwargs.update({k: v for k, v in splits.items() if v is not None})
     splits = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, **kwargs)
     return splits.limit(cfg.limit_train, cfg.limit_test)
+
+
+def check_model(name: str, num_classes: int, in_shape) -> None:
+    """Raise :class:`ModelInputError` unless model ``name`` takes inputs of ``in_shape``: the known size
+    rules first (a message naming --image-size / --model), then one forward of two zero samples."""
+    problem = input_problem(name, in_shape)
+    if problem is None:
+        model = build_model(name, num_classes, in_shape).train()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, *in_shape))
+        except (RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problem = (f"--model {name} cannot take inputs of shape {tuple(in_shape)} ({first}); choose --model or "
+                       "--image-size")
+    if problem:
+        raise ModelInputError(problem)
+
+
+def resolve_model(cfg: RunConfig, splits: Splits) -> Preset:
+    """The preset with its model settled: ``cfg.model``, else chosen from the input shape where the
+    preset says so (imagefolder), else the preset's; checked against the inputs (:func:`check_model`)."""
+    p = cfg.preset
+    name = cfg.model or (model_for_shape(splits.in_shape) if p.model_by_size else p.model)
+    check_model(name, splits.num_classes, splits.in_shape)
+    threads = p.threads or (1 if name in ("moons_mlp", "digits_mlp") else None)
+    return p.with_(model=name, threads=threads)
 
 
 def method_config(p: Preset, clip, **overrides) -> MethodConfig:
@@ -59,6 +117,52 @@ def parse_spec(spec: str) -> tuple[str, float | None, str]:
     return name.strip(), (float(eps) if eps else None), name.strip() + eps.strip()
 
 
+def method_label(spec: str, eps_train: float) -> str:
+    """Folder and row name of a method spec: 'sat' -> 'sat0.3' (the preset's eps), 'sat:0.1' -> 'sat0.1',
+    'ima' -> 'ima'."""
+    name, eps, label = parse_spec(spec)
+    return f"{name}{eps_train:g}" if name in FIXED_EPS and eps is None else label
+
+
+def existing_outputs(cfg: RunConfig) -> list[str]:
+    """Files of an earlier run in ``cfg.out`` that this run would write (relative names)."""
+    out = Path(cfg.out)
+    labels = [method_label(s, cfg.preset.eps_train) for s in cfg.methods]
+    names = list(RESULT_FILES) + [f"{m}/{f}" for m in labels for f in (CHECKPOINT, LOG)]
+    return [n for n in names if (out / n).is_file()]
+
+
+def prepare_run(cfg: RunConfig) -> Splits:
+    """Everything that can fail before training, without writing anything: the output folder (an old
+    run there needs resume or overwrite), the data, the model against the data. Settles ``cfg.preset``
+    (its model) and ``cfg.out``."""
+    cfg.preset = cfg.preset or get_preset(cfg.dataset)
+    cfg.out = cfg.out or default_out(cfg.dataset)
+    found = existing_outputs(cfg)
+    if found and not (cfg.resume or cfg.overwrite):
+        raise RunExistsError(f"--out {cfg.out} already holds a run ({', '.join(found[:3])}"
+                             f"{', ...' if len(found) > 3 else ''}); pass --resume to continue it or --overwrite "
+                             "to start again")
+    splits = load_splits(cfg)
+    if cfg.eval_split == "val" and splits.val is None:
+        raise DatasetError(f"--eval-split val: {splits.name} has no validation split here; use --eval-split test")
+    cfg.preset = resolve_model(cfg, splits)
+    if cfg.init_from and cfg.init_from != "std":
+        check_init_weights(cfg.init_from, cfg.preset.model, splits)
+    return splits
+
+
+def check_init_weights(path: str, model: str, splits: Splits) -> None:
+    """--init-from weights must fit the model that will be trained (same layers and shapes)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        build_model(model, splits.num_classes, splits.in_shape).load_state_dict(ck["model"] if "model" in ck else ck)
+    except (RuntimeError, KeyError, TypeError) as err:
+        first = " ".join(str(err).split())[:200]
+        raise ModelInputError(f"--init-from {path}: its weights do not fit --model {model} on inputs "
+                              f"{tuple(splits.in_shape)} ({first})") from None
+
+
 def train_config(cfg: RunConfig, spec: str, out: Path, clip) -> TrainConfig:
     p = cfg.preset
     method, eps, _ = parse_spec(spec)
@@ -68,24 +172,33 @@ def train_config(cfg: RunConfig, spec: str, out: Path, clip) -> TrainConfig:
         opt, wd = STD_OPTIMIZER[cfg.dataset]
     return TrainConfig(method=method, model=p.model, epochs=p.epochs, batch_size=p.batch_size, optimizer=opt,
                        lr=p.lr, weight_decay=wd, seed=cfg.seed, device=cfg.device, out=str(out), resume=cfg.resume,
-                       init_from=cfg.init_from if method != "std" else None,
+                       overwrite=cfg.overwrite, init_from=cfg.init_from if method != "std" else None,
                        std_warmup_epochs=p.std_warmup_epochs if method != "std" else 0, progress=cfg.progress,
-                       method_cfg=method_config(p, clip, **overrides))
+                       method_cfg=method_config(p, clip, **overrides), data=data_spec(cfg))
+
+
+def _clear_results(out: Path) -> None:
+    """--overwrite: remove the old run's tables and figures first (checkpoints: :func:`train`)."""
+    for n in RESULT_FILES:
+        (out / n).unlink(missing_ok=True)
+    for f in out.glob("margins_*.png"):
+        f.unlink()
 
 
 def run_experiment(cfg: RunConfig) -> dict:
-    """Train every method in ``cfg.methods``, evaluate, write outputs; returns the results dict."""
-    cfg.preset = cfg.preset or get_preset(cfg.dataset)
-    cfg.out = cfg.out or default_out(cfg.dataset)
+    """Train every method in ``cfg.methods``, evaluate, write outputs; returns the results dict.
+
+    Nothing is written before :func:`prepare_run` has checked the folder, the data and the model."""
+    splits = prepare_run(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if cfg.preset.threads and not str(cfg.device).startswith("cuda"):
         torch.set_num_threads(cfg.preset.threads)
-    splits = load_splits(cfg)
+    if cfg.overwrite and ddp.is_main() and out.is_dir():
+        _clear_results(out)
     trained: dict[str, TrainResult] = {}
     for spec in cfg.methods:
-        label = parse_spec(spec)[2]
+        label = method_label(spec, cfg.preset.eps_train)
         tc = train_config(cfg, spec, out / label, splits.clip)
         if tc.init_from == "std":  # start from the STD model trained earlier in this run
             if "std" not in trained:
@@ -94,33 +207,42 @@ def run_experiment(cfg: RunConfig) -> dict:
         trained[label] = train(tc, splits)
     results: dict = {}
     if ddp.is_main():
-        p = cfg.preset
-        ecfg = replace(EvalConfig(eps=p.eval_eps, norm=p.norm, clip=splits.clip, seed=cfg.seed, device=cfg.device,
-                                  progress=cfg.progress), **cfg.eval_overrides)
-        data = splits.val if cfg.eval_split == "val" else splits.test
-        for m, tr in trained.items():
-            results[m] = evaluate(tr.model, data, splits.num_classes, ecfg, desc=f"eval {m}")
+        results = evaluate_all(cfg, splits, trained)
         results_extra = write_outputs(cfg, splits, trained, results, out)
         results_extra["seconds"] = time.perf_counter() - t0
-        with open(out / "run.json", "w") as f:
-            json.dump(_plain(results_extra), f, indent=1)
+        atomic_write_text(out / "run.json", json.dumps(to_plain(results_extra, for_json=True), indent=1))
     ddp.barrier()
     return results
 
 
+def evaluate_all(cfg: RunConfig, splits: Splits, trained: dict) -> dict:
+    """Every trained model on the evaluation split, with the same attacks (AutoAttack announced)."""
+    p = cfg.preset
+    ecfg = replace(EvalConfig(eps=p.eval_eps, norm=p.norm, attacks=p.eval_attacks, clip=splits.clip, seed=cfg.seed,
+                              device=cfg.device, progress=cfg.progress), **cfg.eval_overrides)
+    note = aa_announcement(ecfg, splits.num_classes)
+    if note and cfg.progress:
+        print(note, flush=True)
+    data = splits.val if cfg.eval_split == "val" else splits.test
+    return {m: evaluate(tr.model, data, splits.num_classes, ecfg, desc=f"eval {m}") for m, tr in trained.items()}
+
+
 def write_outputs(cfg: RunConfig, splits: Splits, trained: dict, results: dict, out: Path) -> dict:
     p = cfg.preset
-    title = f"{splits.name}, {p.norm.upper()} norm, eps_train {p.eps_train:g}, {len(splits.train)} train samples"
+    title = (f"{splits.name}, {p.model}, {p.norm.upper()} norm, eps_train {p.eps_train:g}, "
+             f"{len(splits.train)} train samples")
     table = format_table(results, title=title)
-    (out / "table.txt").write_text(table + "\n")
+    atomic_write_text(out / "table.txt", table + "\n")
     rows = result_rows(results)
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_write(out / "results.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    with open(out / "results.json", "w") as f:
-        json.dump(_plain(results), f, indent=1)
-    extra = {"table": table, "out": str(out), "files": ["table.txt", "results.csv", "results.json"]}
+    atomic_write_text(out / "results.json", json.dumps(to_plain(results, for_json=True), indent=1))
+    sentences = verdict(results)
+    atomic_write_text(out / "verdict.txt", "".join(s + "\n" for s in sentences))
+    extra = {"table": table, "verdict": sentences, "out": str(out), "model": p.model,
+             "files": ["table.txt", "verdict.txt", "results.csv", "results.json"]}
     plot_accuracy_vs_eps(results, out / "accuracy_vs_eps.png", title=splits.name)
     extra["files"].append("accuracy_vs_eps.png")
     for m, tr in trained.items():

@@ -101,6 +101,56 @@ MODELS = {"moons_mlp": moons_mlp, "digits_mlp": digits_mlp, "fashion_cnn": fashi
           "resnet18_in": resnet18_in, "wrn28_4": wrn28_4}
 
 
+#: Image sides (min, max; None = no limit) each model accepts. The papers' CNNs end in a 4x4 conv
+#: that must meet a 4x4 map (sides 25..32); ResNet-18's five stride-2 stages need at least 33 px
+#: (instance norm needs more than one value per map). The MLPs and WRN take any size.
+IMAGE_SIDES = {"fashion_cnn": (25, 32), "svhn_cnn": (25, 32), "resnet18_in": (33, None)}
+VECTOR_MODELS = ("moons_mlp",)   # take (features,) vectors, not images
+SMALL_IMAGE_MODEL = "digits_mlp"  # any image size
+
+
+def _sides_text(lo, hi) -> str:
+    return f"at least {lo}x{lo} px" if hi is None else f"between {lo}x{lo} and {hi}x{hi} px"
+
+
+def input_problem(name: str, in_shape) -> str | None:
+    """Why model ``name`` cannot take inputs of ``in_shape`` (C, H, W) or (F,); None when it can.
+
+    The message names ``--image-size`` and ``--model``, the two ways out.
+    """
+    in_shape = tuple(in_shape)
+    if name in VECTOR_MODELS:
+        return None if len(in_shape) == 1 else (f"--model {name} takes vectors of features (like Moons), not "
+                                                f"images of shape {in_shape}; choose an image model with --model")
+    if name not in IMAGE_SIDES:
+        return None
+    if len(in_shape) != 3:
+        return (f"--model {name} takes images (C, H, W), not inputs of shape {in_shape}; choose "
+                f"--model {SMALL_IMAGE_MODEL}")
+    lo, hi = IMAGE_SIDES[name]
+    h, w = in_shape[1:]
+    if min(h, w) >= lo and (hi is None or max(h, w) <= hi):
+        return None
+    size = lo if hi is None else 28
+    return (f"--model {name} needs images {_sides_text(lo, hi)}, these are {h}x{w}: pass --image-size {size} "
+            f"(resize on load) or a model for any size (--model {SMALL_IMAGE_MODEL} or --model wrn28_4)")
+
+
+def model_for_shape(in_shape) -> str:
+    """Default model for inputs of ``in_shape``: the papers' model where the size fits it.
+
+    (F,) -> moons_mlp; sides >= 33 -> resnet18_in (later paper, COVID-19 CT); sides 25..32 ->
+    fashion_cnn (1 channel) / svhn_cnn (3 channels); smaller -> digits_mlp (our choice: an MLP).
+    """
+    in_shape = tuple(in_shape)
+    if len(in_shape) == 1:
+        return "moons_mlp"
+    for name in ("resnet18_in", "fashion_cnn" if in_shape[0] == 1 else "svhn_cnn"):
+        if input_problem(name, in_shape) is None:
+            return name
+    return SMALL_IMAGE_MODEL
+
+
 def build_model(name: str, num_classes: int, in_shape) -> nn.Module:
     """>>> model = build_model("fashion_cnn", 10, (1, 28, 28))"""
     if name not in MODELS:

@@ -1,27 +1,20 @@
 """Figures: accuracy vs noise level, IMA's margin histogram, and for 2-D data the decision
-boundaries of each model (earlier paper, Fig. 6). matplotlib with the Agg backend."""
+boundaries of each model (earlier paper, Fig. 6). Headless matplotlib (``nnunet_ima.plumbing.pyplot``)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from nnunet_ima.plumbing import pyplot
 
 from .evaluate import ATTACKS
 
 TITLES = {"pgd": "PGD (worst of CE and margin loss)", "ifgsm": "IFGSM", "aa": "AutoAttack (torchattacks)"}
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_accuracy_vs_eps(results: dict, path, title: str = "") -> None:
     """One panel per attack: accuracy (%) against eps, one line per method (eps 0 = clean)."""
-    plt = _plt()
+    plt = pyplot()
     attacks = [a for a in ATTACKS if any(a in r for r in results.values())]
     fig, axes = plt.subplots(1, len(attacks), figsize=(4.5 * len(attacks), 3.8), squeeze=False)
     for ax, a in zip(axes[0], attacks):
@@ -45,7 +38,7 @@ def plot_accuracy_vs_eps(results: dict, path, title: str = "") -> None:
 def plot_decision_boundaries(models: dict, x: torch.Tensor, y: torch.Tensor, path, max_points: int = 1000,
                              resolution: int = 200) -> None:
     """For 2-D inputs: predicted class over a grid plus the (test) points, one panel per model."""
-    plt = _plt()
+    plt = pyplot()
     x, y = x[:max_points].cpu().numpy(), y[:max_points].cpu().numpy()
     lo, hi = x.min(0) - 0.5, x.max(0) + 0.5
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], resolution), np.linspace(lo[1], hi[1], resolution))

@@ -20,8 +20,10 @@ class Preset:
     lr: float = 1e-3
     weight_decay: float = 0.0
     eval_eps: tuple = ()            # noise levels of the papers' tables/figures
+    eval_attacks: tuple = ("pgd", "ifgsm", "aa")  # the papers' evaluation; AutoAttack is announced with its cost
     augment: bool = False           # data augmentation on -> IMA uses Algorithm 3 (BPGD "augment")
     std_warmup_epochs: int = 0      # epochs of clean (STD) training before the method starts
+    model_by_size: bool = False     # True: the model is chosen from the input shape (models.model_for_shape)
     threads: int | None = None      # CPU threads; 1 for the tiny MLPs (more threads only add overhead)
     note: str = ""
 
@@ -36,7 +38,7 @@ PRESETS: dict[str, Preset] = {
                     note="eval levels: the range of the earlier paper's Fig. 6"),
     # not in the papers: a small built-in image task (8x8 digits in [0, 1]); values are our choice.
     "digits": Preset("digits_mlp", "l2", 2.0, 0.1, 20, 64, eval_eps=(0.25, 0.5, 1.0), threads=1,
-                     note="not in the papers; our choice"),
+                     eval_attacks=("pgd", "ifgsm"), note="not in the papers; our choice (AutoAttack opt-in)"),
     # earlier paper: CNN, 60 epochs, batch 128, Adam defaults; L2 bound 3.0 as in the later paper's
     # SVHN/CIFAR setting (the issue's benchmark setting). Eval levels are our choice (not tabulated).
     "fashion": Preset("fashion_cnn", "l2", 3.0, 0.05, 60, 128, eval_eps=(0.5, 1.0, 1.5),
@@ -51,9 +53,11 @@ PRESETS: dict[str, Preset] = {
     # later paper 3.4 + Table 5: ResNet-18 (instance norm, 1 channel), 100 epochs, batch 32, Adam;
     # STD uses AdamW (weight decay 0.01).
     "covid": Preset("resnet18_in", "l2", 12.0, 2.0, 100, 32, eval_eps=(1.0, 2.0, 3.0)),
-    # any ImageFolder: the COVID settings scaled by nothing; override on the command line.
+    # any ImageFolder: generic values (our choice), the model chosen from the image size (papers' models
+    # where the size fits them: ResNet-18 from 33 px, the papers' CNN at 25..32 px, an MLP below);
+    # AutoAttack opt-in (--attacks pgd,ifgsm,aa). Override on the command line.
     "imagefolder": Preset("resnet18_in", "l2", 3.0, 0.1, 30, 32, eval_eps=(0.5, 1.0, 1.5),
-                          note="generic defaults; our choice"),
+                          eval_attacks=("pgd", "ifgsm"), model_by_size=True, note="generic defaults; our choice"),
 }
 
 #: STD's optimiser differs from the other methods' only on COVID-19 (AdamW, weight decay 0.01).

@@ -7,7 +7,9 @@ start of every epoch, so a run resumed from the checkpoint of epoch k repeats ep
 
 Checkpoints (``<out>/checkpoint.pt``, rank 0, every epoch) hold the model, the optimiser, the
 method state (IMA's margins via ``MarginStore.state_dict``), RNG states, the epoch and the history;
-they are written to a temporary file and moved into place with ``os.replace`` (atomic).
+they are written atomically (``nnunet_ima.plumbing``). ``train_log.jsonl`` is rewritten from the
+checkpoint's history at every save, so the two always agree; a folder with an old run is never
+appended to (resume it, overwrite it, or get :class:`RunExistsError`).
 """
 from __future__ import annotations
 
@@ -23,12 +25,15 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from nnunet_ima.plumbing import atomic_torch_save, atomic_write_text, to_plain
+
 from . import distributed as ddp
 from .datasets import Splits, collate
 from .methods import Method, MethodConfig, Std, build_method
 from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
 
 
 @dataclass
@@ -44,11 +49,13 @@ class TrainConfig:
     device: str = "cpu"
     out: str = "runs/classify"
     resume: bool = False             # continue from <out>/checkpoint.pt if present
+    overwrite: bool = False          # remove an old run's checkpoint and log in <out> and start again
     init_from: str | None = None     # start from these weights (e.g. a pretrained STD checkpoint)
     std_warmup_epochs: int = 0       # clean epochs before the method starts (later paper, CIFAR-10)
     stop_after_epoch: int | None = None  # stop once this epoch (1-based) is done, as if killed
     progress: bool = True
     method_cfg: MethodConfig = field(default_factory=MethodConfig)
+    data: dict = field(default_factory=dict)  # how the data was loaded (saved in the checkpoint for eval)
 
 
 @dataclass
@@ -93,14 +100,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_py))
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to ``path`` via a temporary file in the same folder and os.replace (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Checkpoints hold tensors, numbers, strings, lists and dicts only: loaded with weights_only=True."""
     return torch.load(path, map_location=map_location, weights_only=True)
@@ -122,112 +121,157 @@ def margins_by_key(store) -> torch.Tensor:
     return store.margins[torch.tensor(order, dtype=torch.long)] if keys else store.margins
 
 
-def train(cfg: TrainConfig, splits: Splits) -> TrainResult:
-    """Train ``cfg.method`` on ``splits.train``; checkpoint every epoch into ``cfg.out``.
+class RunExistsError(FileExistsError):
+    """``out`` already holds a training run and neither ``resume`` nor ``overwrite`` was asked for."""
 
-    >>> result = train(TrainConfig(method="ima", epochs=5), load_dataset("moons"))
-    >>> result.method.store.summary()
-    """
+
+def existing_run_files(out) -> list[str]:
+    """Names of the files of a training run already in ``out`` (checkpoint, log)."""
+    return [n for n in (CHECKPOINT, LOG) if (Path(out) / n).is_file()]
+
+
+def _guard_out(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to mix a new run with an old one in ``out``: continue it (resume), start again
+    (overwrite: the old checkpoint and log are removed first) or stop with :class:`RunExistsError`."""
+    found = existing_run_files(out)
+    if not found or (cfg.resume and CHECKPOINT in found):
+        return
+    if not cfg.overwrite and not cfg.resume:
+        raise RunExistsError(f"{out} already holds a training run ({', '.join(found)}); pass resume=True "
+                             "(--resume) to continue it or overwrite=True (--overwrite) to start again")
+    ddp.barrier()  # every rank has looked before rank 0 removes anything
+    if ddp.is_main():
+        for n in found:
+            (out / n).unlink()
+    ddp.barrier()
+
+
+def _device(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     rank, world = ddp.init_from_env(cfg.device)
     device = torch.device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT
+    return rank, world, device
 
+
+def _build(cfg: TrainConfig, splits: Splits, device) -> tuple:
+    """(model, method, clean warm-up method, optimiser), the model seeded with ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, splits.num_classes, splits.in_shape).to(device)
     mcfg = replace(cfg.method_cfg, clip=splits.clip if cfg.method_cfg.clip is None else cfg.method_cfg.clip)
     method = build_method(cfg.method, mcfg)
-    warm = Std(mcfg)
     opt = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
-    history: list = []
-    start = 0
+    return model, method, Std(mcfg), opt
+
+
+def _restore(cfg: TrainConfig, ckpt_path: Path, model, opt, method, device) -> tuple[list, int]:
+    """Resume from ``ckpt_path`` or load ``cfg.init_from`` weights; returns (history, first epoch)."""
     if cfg.resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, map_location=device)
+        if ck["meta"]["method"] != cfg.method:
+            raise RunExistsError(f"{ckpt_path} is a {ck['meta']['method']!r} run, not {cfg.method!r}; "
+                                 "choose another output folder")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         method.load_state_dict(ck["method"])
         set_rng_state(ck["rng"])
-        history = ck["history"]
-        start = ck["epoch"] + 1
-        _say(cfg, f"resumed from {ckpt_path} after epoch {start}")
-    elif cfg.init_from:
+        _say(cfg, f"resumed from {ckpt_path} after epoch {ck['epoch'] + 1}")
+        return ck["history"], ck["epoch"] + 1
+    if cfg.init_from:
         ck = load_checkpoint(cfg.init_from, map_location=device)
         model.load_state_dict(ck["model"] if "model" in ck else ck)
         _say(cfg, f"initial weights from {cfg.init_from}")
-    ddp.broadcast_model(model)
+    return [], 0
 
+
+def _run_epoch(cfg: TrainConfig, epoch: int, model, active: Method, opt, loader, device) -> dict:
+    """One pass over ``loader`` with ``active``'s loss; returns the epoch record (summed over ranks)."""
+    model.train()
+    t0, tot_loss, tot_correct, n = time.perf_counter(), 0.0, 0, 0
+    bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (cfg.progress and ddp.is_main()))
+    for x, y, ids in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        res = active.loss(model, x, y, ids)
+        opt.zero_grad(set_to_none=True)
+        res.loss.backward()
+        ddp.average_gradients(model)
+        opt.step()
+        b = y.shape[0]
+        tot_loss += float(res.loss.detach()) * b
+        tot_correct += int((res.logits.detach().argmax(1) == y).sum())
+        n += b
+        bar.set_postfix(loss=f"{tot_loss / n:.4f}", acc=f"{tot_correct / n:.3f}")
+    if ddp.active():  # epoch statistics over all ranks
+        t = torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        tot_loss, tot_correct, n = float(t[0]), int(t[1]), int(t[2])
+    return {"epoch": epoch + 1, "method": active.name, "loss": tot_loss / max(n, 1),
+            "train_acc": tot_correct / max(n, 1), "seconds": time.perf_counter() - t0}
+
+
+def _end_epoch(cfg: TrainConfig, rec: dict, model, active: Method, method: Method) -> None:
+    """Merge per-rank state (margins, buffers), check the ranks agree, add margins to the record, log."""
+    active.end_epoch()
+    ddp.average_buffers(model)
+    if method.uses_margins and ddp.active():
+        ddp.check_equal(margins_by_key(method.store), "IMA margins")
+    if active.uses_margins:
+        rec["margins"] = method.store.summary()
+    _say(cfg, f"[{cfg.method}] epoch {rec['epoch']}/{cfg.epochs} loss {rec['loss']:.4f} "
+              f"train acc {rec['train_acc']:.4f} ({rec['seconds']:.1f}s)"
+         + (f"; {method.summary()}" if active.uses_margins else ""))
+
+
+def _save(out: Path, epoch: int, model, opt, method: Method, history: list, meta: dict) -> None:
+    """Checkpoint and log (rewritten from the history, so they always agree; both atomic)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "method": method.state_dict(), "rng": rng_state(), "history": history, "meta": meta}
+    atomic_torch_save(state, out / CHECKPOINT)
+    atomic_write_text(out / LOG, "".join(json.dumps(to_plain(r, for_json=True)) + "\n" for r in history))
+
+
+def train(cfg: TrainConfig, splits: Splits) -> TrainResult:
+    """Train ``cfg.method`` on ``splits.train``; checkpoint every epoch into ``cfg.out``.
+
+    An ``out`` that already holds a run is continued (``resume``), started again (``overwrite``) or
+    refused (:class:`RunExistsError`), never appended to.
+
+    >>> result = train(TrainConfig(method="ima", epochs=5), load_dataset("moons"))
+    >>> result.method.store.summary()
+    """
+    rank, world, device = _device(cfg)
+    out = Path(cfg.out)
+    _guard_out(cfg, out)
+    model, method, warm, opt = _build(cfg, splits, device)
+    history, start = _restore(cfg, out / CHECKPOINT, model, opt, method, device)
+    ddp.broadcast_model(model)
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
     meta = {"model": cfg.model, "num_classes": splits.num_classes, "in_shape": tuple(splits.in_shape),
-            "dataset": splits.name, "method": cfg.method, "clip": splits.clip, "config": _plain(asdict(cfg))}
+            "dataset": splits.name, "method": cfg.method, "clip": splits.clip,
+            "data": to_plain(cfg.data, for_json=True), "config": to_plain(asdict(cfg), for_json=True)}
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         seed_epoch(cfg.seed, epoch, rank)
         active = warm if epoch < cfg.std_warmup_epochs else method
         active.start_epoch(epoch, cfg.epochs)
-        model.train()
-        t0, tot_loss, tot_correct, n = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and ddp.is_main()))
-        for x, y, ids in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            res = active.loss(model, x, y, ids)
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            ddp.average_gradients(model)
-            opt.step()
-            b = y.shape[0]
-            tot_loss += float(res.loss.detach()) * b
-            tot_correct += int((res.logits.detach().argmax(1) == y).sum())
-            n += b
-            bar.set_postfix(loss=f"{tot_loss / n:.4f}", acc=f"{tot_correct / n:.3f}")
-        if ddp.active():  # epoch statistics over all ranks
-            t = torch.tensor([tot_loss, tot_correct, n], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(t)
-            tot_loss, tot_correct, n = float(t[0]), int(t[1]), int(t[2])
-        active.end_epoch()
-        ddp.average_buffers(model)
-        if method.uses_margins and ddp.active():
-            ddp.check_equal(margins_by_key(method.store), "IMA margins")
-        rec = {"epoch": epoch + 1, "method": active.name, "loss": tot_loss / max(n, 1),
-               "train_acc": tot_correct / max(n, 1), "seconds": time.perf_counter() - t0}
-        if active.uses_margins:
-            rec["margins"] = method.store.summary()
+        rec = _run_epoch(cfg, epoch, model, active, opt, loader, device)
+        _end_epoch(cfg, rec, model, active, method)
         history.append(rec)
-        _say(cfg, f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {rec['loss']:.4f} "
-                  f"train acc {rec['train_acc']:.4f} ({rec['seconds']:.1f}s)"
-             + (f"; {method.summary()}" if active.uses_margins else ""))
         if ddp.is_main():
-            state = {"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "method": method.state_dict(), "rng": rng_state(), "history": history, "meta": meta}
-            save_atomic(state, ckpt_path)
-            with open(out / "train_log.jsonl", "a") as f:
-                f.write(json.dumps(_plain(rec)) + "\n")
+            _save(out, epoch, model, opt, method, history, meta)
         ddp.barrier()
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
             break
     if ddp.active() and method.uses_margins:  # each rank's copy, for checking that they agree
+        out.mkdir(parents=True, exist_ok=True)
         torch.save(method.store.state_dict(), out / f"margins_rank{rank}.pt")
     model.eval()
-    return TrainResult(model, method, history, ckpt_path)
+    return TrainResult(model, method, history, out / CHECKPOINT)
 
 
 def _say(cfg: TrainConfig, msg: str) -> None:
     if ddp.is_main() and cfg.progress:
         tqdm.write(msg)
-
-
-def _plain(obj):
-    """JSON-friendly copy (tuples -> lists, tensors -> lists, NaN kept)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
