@@ -172,11 +172,9 @@ class MarginStore:
 
     def plot_histogram(self, path, bins: int = 20, title: str | None = None) -> None:
         """Write a PNG of the margin distribution (matplotlib, Agg backend)."""
-        import matplotlib
+        from .plumbing import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         counts, edges = self.histogram(bins)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black")

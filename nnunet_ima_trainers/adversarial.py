@@ -10,10 +10,10 @@ under the training autocast; the shared step then trains on (L_clean + L_noisy) 
 """
 from __future__ import annotations
 
-import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 
-from nnunet_ima import DicePredicate, MarginStore, bpgd, pgd
+from nnunet_ima import DicePredicate, MarginStore, pgd
+from nnunet_ima.ima_step import IMAStepSettings, IMAStepStats, ima_step
 
 from .base import nnUNetTrainerSTD
 from .config import ConfigError
@@ -28,110 +28,79 @@ class _AdversarialTrainer(nnUNetTrainerSTD):
             raise ConfigError(f"{type(self).__name__} needs softmax (label) training; region-based datasets are "
                               "not supported (the Dice predicate reads the argmax)")
 
-    def attack_loss(self, output, target) -> torch.Tensor:
-        """The trainer's loss, times the GradScaler's scale on CUDA so that fp16 input gradients do
-        not underflow (the attack step normalises the gradient, so the factor changes nothing else)."""
-        loss = self.loss(output, target)
-        return loss * self.grad_scaler.get_scale() if self.grad_scaler is not None else loss
-
 
 class nnUNetTrainerSAT(_AdversarialTrainer):
     """Standard adversarial training with a fixed eps: ``NNUNET_IMA_SAT_EPS`` (default eps_max)."""
 
     def make_adversarial_batch(self, data, target, keys, clean_output):
+        """PGD on every sample; returns (noisy batch, None): SAT has no margins to finish."""
         cfg = self.ima_config
         with self.autocast():
-            return pgd(self.bare_network(), data, target, cfg.sat_eps, norm=cfg.norm, steps=cfg.k,
-                       loss=self.attack_loss)
+            noisy = pgd(self.attack_module(), data, target, cfg.sat_eps, norm=cfg.norm, steps=cfg.k,
+                        loss=self.attack_loss)
+        return noisy, None
 
 
 class nnUNetTrainerIMA(_AdversarialTrainer):
     """IMA: per-sample margins E(i), grown by delta while the noisy sample stays correct, shrunk
     towards the boundary distance when it crosses (Algorithm 1, the paper's segmentation rule).
 
-    Per iteration: clean forward; Dice predicate on the full-resolution output; BPGD "augment"
-    (K PGD steps inside E(i), binary search between x and the last point, N forwards) on the
-    correctly segmented samples; (L_clean + L_noisy) / 2 with L_noisy = L_clean for the others;
-    margin update. Margins are keyed by :mod:`nnunet_ima_trainers.data`'s sample ids, merged across
+    Per iteration: clean forward; the kernel's IMA step (:func:`nnunet_ima.ima_step`, the same one
+    classify's Ima method runs): Dice predicate on the full-resolution output, BPGD "augment" (K PGD
+    steps inside E(i), binary search between x and the last point, N forwards) on the correctly
+    segmented samples (setting ``attack_samples``: "correct", Algorithm 1, or "all", the authors'
+    code); (L_clean + L_noisy) / 2 with L_noisy = L_clean for the others; margin update from the
+    noisy forward. Margins are keyed by :mod:`nnunet_ima_trainers.data`'s sample ids, merged across
     DDP ranks every epoch, saved in every checkpoint (key ``ima_margins``), logged per epoch and
     plotted to ``margins.png`` next to ``progress.png``.
 
     When a margin grows (setting ``expand_rule``): ``"prediction"`` (default, Algorithm 1 line 13)
-    reads g(z~) = y off the noisy forward that the step trains on, so the update happens in
-    :meth:`after_noisy_forward`; ``"no_crossing"`` grows it exactly when BPGD found no crossing.
-    The two differ only for crossed samples whose returned x~ (the midpoint of the last binary-search
-    bracket, Algorithm 3) is still segmented correctly: the paper's rule grows those margins, the
-    other shrinks them, so it tracks the boundary from below.
+    reads g(z~) = y off the noisy forward that the step trains on; ``"no_crossing"`` grows it exactly
+    when BPGD found no crossing. The two differ only for crossed samples whose returned x~ (the
+    midpoint of the last binary-search bracket, Algorithm 3) is still segmented correctly: the
+    paper's rule grows those margins, the other shrinks them, so it tracks the boundary from below.
+    Attacks that went non-finite (e.g. fp16 overflow) train on the clean sample, keep their margin
+    and are counted apart ("fell back"); the epoch log warns when more than a tenth fell back.
     """
 
     margins: MarginStore
     predicate: DicePredicate
+    step_settings: IMAStepSettings
 
     def initialize(self):
         super().initialize()
-        self.margins = MarginStore(self.ima_config.delta, self.ima_config.eps_max)
-        self.predicate = DicePredicate(self.ima_config.dice_threshold, ignore_label=self.label_manager.ignore_label)
-        self.epoch_stats = _zero_stats()
-        self._pending = None
+        cfg = self.ima_config
+        self.margins = MarginStore(cfg.delta, cfg.eps_max)
+        self.predicate = DicePredicate(cfg.dice_threshold, reduction=cfg.dice_reduction,
+                                       ignore_label=self.label_manager.ignore_label)
+        self.step_settings = IMAStepSettings(steps=cfg.k, search_steps=cfg.n, norm=cfg.norm, variant="augment",
+                                             expand_rule=cfg.expand_rule,
+                                             attack_samples=cfg.attack_samples)
+        self.epoch_stats = IMAStepStats()
 
     def make_adversarial_batch(self, data, target, keys, clean_output):
-        cfg = self.ima_config
-        keys = [str(k) for k in keys]
-        b = data.shape[0]
-        correct = self.predicate(clean_output, target[0] if isinstance(target, list) else target).cpu()
-        noisy_correct = correct.clone()
-        distance = torch.zeros(b, dtype=torch.float64)
-        valid = torch.ones(b, dtype=torch.bool)
-        noisy = None
-        idx = torch.nonzero(correct).flatten()
-        if idx.numel():
-            eps = self.margins.get([keys[i] for i in idx.tolist()], device=data.device)
-            sub_target = [t[idx.to(t.device)] for t in target] if isinstance(target, list) else target[idx]
-            with self.autocast():
-                res = bpgd(self.bare_network(), data[idx], sub_target, eps, norm=cfg.norm, steps=cfg.k,
-                           search_steps=cfg.n, variant="augment", is_correct=self.predicate, loss=self.attack_loss)
-            x_adv = res.x_adv
-            ok = res.valid & torch.isfinite(x_adv.flatten(1)).all(1)  # e.g. an fp16 gradient overflow
-            x_adv = torch.where(ok.view(-1, *[1] * (data.dim() - 1)), x_adv, data[idx])
-            noisy = data.clone()
-            noisy[idx] = x_adv.to(data.dtype)
-            noisy_correct[idx] = ~res.crossed.cpu()  # replaced by g(z~) = y under the paper's rule
-            distance[idx] = res.distance.detach().double().cpu()
-            valid[idx] = ok.cpu()
-            self.epoch_stats["crossed"] += int((res.crossed & ok).sum())
-        if noisy is None:
-            self.margins.update(keys, correct, noisy_correct, distance, valid)
-        else:  # Algorithm 1 updates after the noisy forward (line 13): see after_noisy_forward
-            self._pending = (keys, correct, noisy_correct, distance, valid, idx)
-        self.epoch_stats["samples"] += b
-        self.epoch_stats["attacked"] += int(idx.numel())
-        return noisy
+        """One IMA step; returns (noisy batch or None, finish(noisy_output)) for the shared step."""
+        with self.autocast():
+            noisy, update = ima_step(self.attack_module(), data, target, [str(k) for k in keys], clean_output,
+                                     self.predicate, self.margins, self.step_settings, loss=self.attack_loss)
 
-    def after_noisy_forward(self, noisy_output, target) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        keys, correct, noisy_correct, distance, valid, idx = pending
-        if self.ima_config.expand_rule == "prediction" and idx.numel():
-            y = target[0] if isinstance(target, list) else target
-            noisy_correct[idx] = self.predicate(noisy_output[idx.to(noisy_output.device)],
-                                                y[idx.to(y.device)]).cpu()
-        self.margins.update(keys, correct, noisy_correct, distance, valid)
+        def finish(noisy_output) -> None:
+            self.epoch_stats = self.epoch_stats + update.finish(noisy_output)
+
+        return noisy, finish
 
     # ------------------------------------------------------------------ reporting
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self.margins.reset_counters()
-        self.epoch_stats = _zero_stats()
+        self.epoch_stats = IMAStepStats()
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
         if self.is_ddp:
             self.margins.merge()  # collective: every rank ends the epoch with the same margins
-        s = self.epoch_stats
-        share = f"{100 * s['crossed'] / s['attacked']:.1f}%" if s["attacked"] else "n/a"
-        self.print_to_log_file(f"IMA: {s['attacked']}/{s['samples']} samples segmented correctly (Dice >= "
-                               f"{self.predicate.threshold}) and attacked, {s['crossed']} crossed ({share})")
+        for line in epoch_report(self.epoch_stats, self.predicate, self.step_settings.attack_samples):
+            self.print_to_log_file(line)
         self.print_to_log_file(f"IMA {self.margins.format_summary()}")
 
     def on_epoch_end(self):
@@ -176,5 +145,23 @@ def margin_digest(store: MarginStore) -> str:
     return h.hexdigest()[:16]
 
 
-def _zero_stats() -> dict:
-    return {"samples": 0, "attacked": 0, "crossed": 0}
+FALL_BACK_WARN_SHARE = 0.1  # warn when more than this share of an epoch's attacks fell back
+
+
+def epoch_report(stats: IMAStepStats, predicate: DicePredicate, attack_samples: str) -> list[str]:
+    """The epoch's IMA log lines: attacked, crossed, fell back; plus one warning line when more than
+    a tenth of the attacks fell back to the clean sample (issue 11: margins then stop growing)."""
+    s = stats
+    share = f"{100 * s.crossed / s.attacked:.1f}%" if s.attacked else "n/a"
+    correct = f"segmented correctly (Dice {predicate.reduction} >= {predicate.threshold})"
+    chosen = (f"{correct} and attacked" if attack_samples == "correct"
+              else f"attacked (attack_samples=all; {s.clean_correct} {correct})")
+    lines = [f"IMA: {s.attacked}/{s.samples} samples {chosen}, {s.crossed} crossed ({share}), "
+             f"{s.fell_back} fell back to the clean sample (non-finite attack)"]
+    if s.fell_back_share() > FALL_BACK_WARN_SHARE:
+        lines.append(f"IMA WARNING: {s.fell_back} of {s.attacked + s.fell_back} attacks this epoch "
+                     f"({100 * s.fell_back_share():.0f}%) went non-finite and fell back to the clean sample, whose "
+                     "margin was not updated. Likely cause: fp16 overflow under autocast (mixed precision) or a "
+                     "non-finite input gradient. Try: check the inputs for NaN/Inf; a smaller NNUNET_IMA_EPS_MAX; "
+                     "training without mixed precision (a trainer subclass whose autocast() is disabled).")
+    return lines

@@ -4,12 +4,18 @@ atomic, ``weights_only`` checkpoints. :class:`nnUNetTrainerSTD` is plain nnU-Net
 The optimisation step (:meth:`nnUNetTrainerSTD.train_step`) is written once:
 
     clean forward -> L0 -> backward(L0 * w)            (w = 1/2 for adversarial trainers, else 1)
-    x~ = make_adversarial_batch(x, y, keys, clean)     (the one seam; STD makes none)
-    noisy forward -> L1 -> after_noisy_forward(z~, y) -> backward(L1 / 2)
+    x~, finish = make_adversarial_batch(x, y, keys, clean)    (the one seam; STD makes none)
+    noisy forward -> L1 -> finish(z~) -> backward(L1 / 2)
     clip the gradient norm at 12 -> optimizer step     (GradScaler + autocast on CUDA, as nnU-Net)
 
 so the loss is (L0 + L1) / 2 (Algorithm 1). Backpropagating L0 before the attack frees the clean
 graph, so an adversarial step never holds two graphs at once.
+
+Multi-GPU (DDP): the attacks run on :meth:`~nnUNetTrainerSTD.attack_module` (the rank's own plain
+network: no DDP hooks) with :meth:`~nnUNetTrainerSTD.attack_loss` (the same Dice + CE without DDP
+gathering), so no collective runs inside an attack, whatever the number of samples a rank attacks.
+The collectives of a step - the Dice gather of L0 and L1 and the two gradient all-reduces - are made
+by every rank on full, same-shaped batches: a rank that perturbs nothing trains on x~ = x.
 """
 from __future__ import annotations
 
@@ -25,8 +31,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_ima.losses import first
+from nnunet_ima.plumbing import atomic_torch_save, to_plain
+
+from .checkpoints import describe_checkpoint, read_checkpoint, state_digest, weight_mismatches
 from .config import ConfigError, IMAConfig, load_config
 from .data import sample_key_loader
+from .local_loss import rank_local_loss
 
 
 class nnUNetTrainerSTD(nnUNetTrainer):
@@ -39,6 +50,7 @@ class nnUNetTrainerSTD(nnUNetTrainer):
     epochs: int | None = None        # None: nnU-Net's 1000
     iterations: int | None = None    # None: nnU-Net's 250 per epoch
     adversarial: bool = False        # True: the step makes a noisy batch and averages the two losses
+    attack_compiled: bool = False    # True: attacks run through the torch.compile wrapper (see attack_module)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -48,6 +60,7 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         self.num_epochs = cfg.epochs or self.num_epochs
         self.num_iterations_per_epoch = cfg.iters or self.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = cfg.val_iters or self.num_val_iterations_per_epoch
+        self._rank_local_loss = None
         self.print_to_log_file(f"{type(self).__name__}: {self.num_epochs} epochs x {self.num_iterations_per_epoch} "
                                f"iterations (validation {self.num_val_iterations_per_epoch})\n{cfg.describe()}",
                                also_print_to_console=True)
@@ -65,24 +78,31 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         if self.ima_config.init_weights:
             self.load_init_weights(self.ima_config.init_weights)
 
+    def describe(self) -> str:
+        """'trainer T, dataset D, configuration C, plans P' of this trainer (as in checkpoint messages)."""
+        return (f"trainer {type(self).__name__}, dataset {self.plans_manager.dataset_name}, configuration "
+                f"{self.configuration_name}, plans {self.plans_manager.plans_name}")
+
     def load_init_weights(self, path: str) -> None:
         """Start from every weight of an nnU-Net checkpoint of the same network (setting
         ``init_weights``), segmentation heads included: the papers start SAT and IMA from the trained
-        standard model. (nnU-Net's ``-pretrained_weights`` skips the heads, as it is meant for
-        transfer between datasets; a run continued with ``--c`` loads its own checkpoint after this.)"""
-        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        standard model. Any nnU-Net trainer's checkpoint of the same plans and configuration works,
+        stock ``nnUNetTrainer`` included (read with ``weights_only=True``, numpy scalars allowed).
+        (nnU-Net's ``-pretrained_weights`` skips the heads, as it is meant for transfer between
+        datasets; a run continued with ``--c`` loads its own checkpoint after this.)"""
+        checkpoint = read_checkpoint(path, "init_weights", map_location=self.device)
         module = self._module()
-        own = module.state_dict()
         weights = bare_keys(checkpoint["network_weights"])
-        problems = sorted(set(own) ^ set(weights)) + [
-            k for k in own if k in weights and own[k].shape != weights[k].shape]
+        problems = weight_mismatches(module.state_dict(), weights)
         if problems:
-            raise ConfigError(f"init_weights={path}: not a checkpoint of this network (same plans and configuration "
-                              f"needed; {len(problems)} mismatched weights, e.g. {problems[:3]}). To transfer between "
-                              "datasets use nnU-Net's -pretrained_weights instead")
+            raise ConfigError(
+                f"init_weights={path}: not a checkpoint of this network. The checkpoint holds "
+                f"{describe_checkpoint(checkpoint)}; this run builds {self.describe()} ({len(problems)} mismatched "
+                f"weights, e.g. {'; '.join(problems[:3])}). Same plans, configuration and architecture needed; to "
+                "transfer between datasets use nnU-Net's -pretrained_weights instead")
         module.load_state_dict(weights)
-        source = f"trainer {checkpoint.get('trainer_name', '?')}, epoch {checkpoint.get('current_epoch', '?')}"
-        self.print_to_log_file(f"initialised every weight (segmentation heads included) from {path} ({source})",
+        self.print_to_log_file(f"initialised every weight (segmentation heads included) from {path} "
+                               f"({describe_checkpoint(checkpoint)}, epoch {checkpoint.get('current_epoch', '?')})",
                                also_print_to_console=True)
 
     # ------------------------------------------------------------------ data
@@ -103,37 +123,74 @@ class nnUNetTrainerSTD(nnUNetTrainer):
             loss = self.loss(output, target)
         self._backward(loss * weight)
         if self.adversarial:
-            clean = (output[0] if isinstance(output, (list, tuple)) else output).detach()
+            clean = first(output).detach()
             del output
-            noisy = self.make_adversarial_batch(data, target, batch["keys"], clean)
-            if noisy is None and self.is_ddp:
-                noisy = data  # every rank must run the same number of backward passes (gradient all-reduce)
-            if noisy is None:  # no sample to perturb: L1 = L0 for all, i.e. the plain gradient of L0
-                for p in self.network.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(2.0)
-            else:
-                with self.autocast():
-                    noisy_output = self.network(noisy)
-                    loss_noisy = self.loss(noisy_output, target)
-                self.after_noisy_forward(
-                    (noisy_output[0] if isinstance(noisy_output, (list, tuple)) else noisy_output).detach(), target)
-                del noisy_output
-                self._backward(loss_noisy * weight)
-                loss = (loss.detach() + loss_noisy.detach()) / 2
+            loss = self._adversarial_half(data, target, batch["keys"], clean, loss)
         self._optimizer_step()
         return {"loss": loss.detach().cpu().numpy()}
 
-    def after_noisy_forward(self, noisy_output: torch.Tensor, target) -> None:
-        """Called after the noisy forward with its detached full-resolution logits (B, C, *S), before
-        the backward pass (IMA reads g(z~) of Algorithm 1 line 13 from them)."""
+    def _adversarial_half(self, data, target, keys, clean: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """Make x~, then backward(L1 / 2) on it; returns (L0 + L1) / 2. Under DDP every rank runs the
+        noisy forward/backward on a full batch (x~ = x when it perturbs nothing), so all ranks make
+        the same collective calls (the Dice gather and the gradient all-reduce)."""
+        noisy, finish = self.make_adversarial_batch(data, target, keys, clean)
+        noisy_output = None
+        if noisy is None and self.is_ddp:
+            noisy = data
+        if noisy is None:  # no sample to perturb: L1 = L0 for all, i.e. the plain gradient of L0
+            for p in self.network.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(2.0)
+        else:
+            with self.autocast():
+                out = self.network(noisy)
+                loss_noisy = self.loss(out, target)
+            noisy_output = first(out).detach()
+            del out
+            self._backward(loss_noisy * 0.5)
+            loss = (loss.detach() + loss_noisy.detach()) / 2
+        if finish is not None:
+            finish(noisy_output)
+        return loss
 
     def make_adversarial_batch(self, data: torch.Tensor, target, keys, clean_output: torch.Tensor):
-        """The seam. Return the noisy batch (same shape as ``data``; rows that should count with
-        their clean loss hold the clean sample) or None when no sample is perturbed.
+        """The seam. Return ``(noisy, finish)``: ``noisy`` the noisy batch (same shape as ``data``;
+        rows that should count with their clean loss hold the clean sample) or None when no sample
+        is perturbed; ``finish`` None or a callable taking the detached full-resolution logits of the
+        noisy forward (B, C, *S) - or None when no noisy forward ran - called once per step, before
+        the noisy backward (IMA's margin update, Algorithm 1 line 13, reads g(z~) there).
         ``clean_output``: detached full-resolution logits of the clean forward (B, C, *S)."""
-        return None
+        return None, None
 
+    # ------------------------------------------------------------------ what attacks run on
+    def attack_module(self) -> torch.nn.Module:
+        """The network an attack runs on: this rank's plain module, without the DDP wrapper (no
+        gradient all-reduce, no buffer broadcast) and, by default, without the torch.compile wrapper.
+
+        Why uncompiled (issue 11 item 4): IMA attacks only the correctly segmented samples, so the
+        attack's batch size changes from one iteration to the next. Through the compiled module each
+        new size costs a recompilation (after the first, dynamo falls back to a dynamic-shape graph),
+        and a recompile takes seconds to minutes. The plain module runs eagerly at any batch size and
+        shares the parameters, so the attack sees the very network that is trained. Not measured on a
+        GPU in this project yet (``benchmarks/bench_trainers.py --device cuda --compile on`` measures
+        the step with compile on); ``attack_compiled = True`` on a subclass attacks through the
+        compiled module instead (still without DDP)."""
+        if self.attack_compiled:
+            return self.bare_network()
+        return self._module()
+
+    def attack_loss(self, output, target) -> torch.Tensor:
+        """Rank-local training loss for attacks: nnU-Net's Dice + CE with deep supervision built
+        without DDP gathering (:func:`~nnunet_ima_trainers.local_loss.rank_local_loss`), times the
+        GradScaler's scale on CUDA so that fp16 input gradients do not underflow (the attack step
+        normalises the gradient, so the factor changes nothing else). ``output``/``target`` as for
+        ``self.loss`` (deep-supervision lists of (b, C, *S) / (b, 1, *S)), any sub-batch size b."""
+        if self._rank_local_loss is None or self._rank_local_loss[0] is not self.loss:  # built once per self.loss
+            self._rank_local_loss = (self.loss, rank_local_loss(self))
+        loss = self._rank_local_loss[1](output, target)
+        return loss * self.grad_scaler.get_scale() if self.grad_scaler is not None else loss
+
+    # ------------------------------------------------------------------ mixed precision, optimiser
     def autocast(self):
         """nnU-Net's mixed precision: autocast on CUDA only (CPU autocast is slow, MPS unsupported)."""
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
@@ -152,7 +209,7 @@ class nnUNetTrainerSTD(nnUNetTrainer):
             self.optimizer.step()
 
     def bare_network(self) -> torch.nn.Module:
-        """The network without the DDP wrapper (attacks run on the rank's own copy, no gradient sync)."""
+        """The network without the DDP wrapper (the torch.compile wrapper, if any, kept)."""
         return self.network.module if self.is_ddp else self.network
 
     def _module(self) -> torch.nn.Module:
@@ -167,9 +224,14 @@ class nnUNetTrainerSTD(nnUNetTrainer):
     def load_extra_checkpoint_state(self, checkpoint: dict) -> None:
         pass
 
+    def on_checkpoint_saved(self, filename: str) -> None:
+        """Called on rank 0 right after a checkpoint was written to ``filename``."""
+
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint plus :meth:`extra_checkpoint_state`, numpy scalars turned into Python
-        numbers (so it loads with ``weights_only=True``), written to a temporary file and renamed."""
+        numbers (so it loads with plain ``weights_only=True``), written to a temporary file and renamed.
+        The log gets the digest of the extra state (IMA: the margins), printed again on restore, so a
+        run continued with ``--c`` shows that it got back exactly what was saved (issue 12 item 5)."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -185,17 +247,22 @@ class nnUNetTrainerSTD(nnUNetTrainer):
             "init_args": self.my_init_kwargs,
             "trainer_name": self.__class__.__name__,
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
-            **self.extra_checkpoint_state(),
         }
-        atomic_torch_save(plain(checkpoint), filename)
+        extra = to_plain(self.extra_checkpoint_state())
+        atomic_torch_save({**to_plain(checkpoint), **extra}, filename)
+        if extra:
+            self.print_to_log_file(f"saved {os.path.basename(filename)}: {', '.join(extra)} "
+                                   f"digest {state_digest(extra)}")
+        self.on_checkpoint_saved(filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
-        """nnU-Net's restore, reading the file with ``torch.load(weights_only=True)``; also takes a dict."""
+        """nnU-Net's restore, reading the file with :func:`~nnunet_ima_trainers.checkpoints.read_checkpoint`
+        (``weights_only=True``, numpy scalars allowed: stock nnU-Net checkpoints load); also takes a dict."""
         if not self.was_initialized:
             self.initialize()
         checkpoint = filename_or_checkpoint
         if not isinstance(checkpoint, dict):
-            checkpoint = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            checkpoint = read_checkpoint(checkpoint, "checkpoint", map_location=self.device)
         module = self._module()
         weights = bare_keys(checkpoint["network_weights"])
         self.my_init_kwargs = checkpoint["init_args"]
@@ -209,35 +276,21 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
         self.load_extra_checkpoint_state(checkpoint)
+        self._log_restored_extra_state(checkpoint, filename_or_checkpoint)
+
+    def _log_restored_extra_state(self, checkpoint: dict, source) -> None:
+        """Log the digest of the restored extra state; say so when it differs from the file's."""
+        restored = to_plain(self.extra_checkpoint_state())
+        if not restored:
+            return
+        name = os.path.basename(source) if isinstance(source, str) else "checkpoint"
+        digest = state_digest(restored)
+        stored = state_digest({k: checkpoint[k] for k in restored if k in checkpoint})
+        note = "" if stored == digest else f" (the file held digest {stored}: changed on restore, see above)"
+        self.print_to_log_file(f"restored {name}: {', '.join(restored)} digest {digest}{note}")
 
 
 def bare_keys(weights: dict) -> dict:
     """State-dict keys without the DDP ("module.") and torch.compile ("_orig_mod.") prefixes."""
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
 
-
-def plain(obj):
-    """Numpy scalars/arrays -> Python numbers/lists, recursively through dicts, lists and tuples."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(plain(v) for v in obj)
-    return obj
-
-
-def atomic_torch_save(obj, filename: str) -> None:
-    """torch.save to ``filename.tmp-<pid>``, fsync, then os.replace: a crash leaves the old file intact."""
-    tmp = f"{filename}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, filename)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -39,6 +39,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field, fields
 
+from nnunet_ima.ima_step import ATTACK_SAMPLES, EXPAND_RULES
 from nnunet_ima.norms import NORMS
 from nnunet_ima.predicates import REDUCTIONS
 
@@ -51,9 +52,8 @@ PAPER_TASKS: dict[str, tuple[float, float]] = {
     "hippocampus": (2.0, 15.0),
     "prostate": (10.0, 40.0),
 }
-EXPAND_RULES = ("prediction", "no_crossing")
 DICE_REDUCTIONS = tuple(REDUCTIONS)   # ("mean", "max"): nnunet_ima.predicates.reduce_classes
-ATTACK_SAMPLES = ("correct", "all")
+# EXPAND_RULES ("prediction", "no_crossing") and ATTACK_SAMPLES ("correct", "all"): the kernel's IMA step
 
 
 class ConfigError(ValueError):

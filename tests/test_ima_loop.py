@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nnunet_ima import MarginStore, bpgd, ima_beta_loss, ima_loss
+from nnunet_ima import IMAStepSettings, MarginStore, argmax_correct, ima_beta_loss, ima_loss, ima_step
 from nnunet_ima.losses import cross_entropy
 
 N = 100
@@ -35,9 +35,12 @@ def separable_data():
 
 
 def run_ima(model, x, y, iters, *, store, variant="boundary", batch=None, lr=0.5, beta=None, noisy_rule="argmax"):
-    """Algorithm 1. ``noisy_rule``: "argmax" is line 13 literally (g(z~) = y); "crossed" reads the
-    noisy sample as wrong whenever BPGD found the boundary (its midpoint lies on either side)."""
+    """Algorithm 1 through the kernel's IMA step (:func:`nnunet_ima.ima_step`). ``noisy_rule``:
+    "argmax" is line 13 literally (g(z~) = y, expand_rule "prediction"); "crossed" reads the noisy
+    sample as wrong whenever BPGD found the boundary (its midpoint lies on either side; "no_crossing")."""
     ids = [f"s{i:03d}" for i in range(x.shape[0])]  # string ids, as the segmentation trainers use
+    settings = IMAStepSettings(steps=20, search_steps=10, variant=variant,
+                               expand_rule="prediction" if noisy_rule == "argmax" else "no_crossing")
     history = []
     g = torch.Generator().manual_seed(1)
     for _ in range(iters):
@@ -45,21 +48,21 @@ def run_ima(model, x, y, iters, *, store, variant="boundary", batch=None, lr=0.5
         for start in range(0, x.shape[0], batch or x.shape[0]):
             sel = order[start:start + (batch or x.shape[0])]
             xb, yb, idb = x[sel], y[sel], [ids[i] for i in sel.tolist()]
-            eps = store.get(idb)
             z = model(xb)
             l0 = cross_entropy(z, yb)
             clean_ok = z.argmax(1) == yb
-            res = bpgd(model, xb, yb, eps, steps=20, search_steps=10, variant=variant)
-            z_noisy = model(res.x_adv)
-            l1 = cross_entropy(z_noisy, yb)
-            noisy_ok = (z_noisy.argmax(1) == yb) if noisy_rule == "argmax" else ~res.crossed
+            noisy, update = ima_step(model, xb, yb, idb, z.detach(), argmax_correct, store, settings)
+            l1, z_noisy = l0, None
+            if noisy is not None:
+                z_noisy = model(noisy)
+                l1 = cross_entropy(z_noisy, yb)
             loss = ima_loss(l0, l1, clean_ok) if beta is None else ima_beta_loss(l0, l1, clean_ok, beta)
             model.zero_grad()
             loss.backward()
             with torch.no_grad():  # plain SGD (torch.optim's first step costs seconds of imports)
                 for p in model.parameters():
                     p -= lr * p.grad
-            store.update(idb, clean_ok, noisy_ok.detach(), res.distance, valid=res.valid)
+            update.finish(z_noisy)  # lines 13-19 (z_noisy came from the weights before this update)
             assert float(store.margins.max()) <= EPS_MAX  # never above eps_max, at any step
         history.append(store.get(ids).double())
     return torch.stack(history)

@@ -3,6 +3,7 @@ IMA batch, checkpoints. (The real ``nnUNetv2_train`` runs are in test_trainers_e
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 
 import pytest
@@ -87,15 +88,15 @@ def test_two_slices_of_one_case_get_two_margins(tiny_env):
     clean = 10.0 * F.one_hot(gt, 3).permute(0, 3, 1, 2).float()
     clean[1] = 0
     clean[1, 0] = 10.0  # sample b: everything background -> Dice 0 -> clean wrong; sample a: perfect
-    noisy = trainer.make_adversarial_batch(data, target, [keys[a], keys[b]], clean)
-    trainer.after_noisy_forward(clean, target)  # noisy output = clean output: a still correct
+    noisy, finish = trainer.make_adversarial_batch(data, target, [keys[a], keys[b]], clean)
+    finish(clean)  # noisy output = clean output: a still correct
     delta = trainer.ima_config.delta
     m_a, m_b = trainer.margins.get([keys[a], keys[b]]).tolist()
     assert len(trainer.margins) == 2
     assert m_a == pytest.approx(2 * delta)  # clean and noisy correct: expand
     assert m_b == pytest.approx(delta / 2)  # clean wrong: shrink with distance 0 (segmentation rule)
     assert torch.equal(noisy[1], data[1])  # L1 = L0 for the wrongly segmented sample
-    assert trainer.epoch_stats["attacked"] == 1
+    assert trainer.epoch_stats.attacked == 1 and trainer.epoch_stats.samples == 2
 
 
 def test_init_weights_loads_every_weight_heads_included(tiny_env, monkeypatch, tmp_path):
@@ -105,7 +106,10 @@ def test_init_weights_loads_every_weight_heads_included(tiny_env, monkeypatch, t
     with torch.no_grad():
         for i, p in enumerate(std.network.parameters()):
             p.add_(0.01 * (i + 1))  # weights no fresh initialisation has
+    seen = []
+    std.on_checkpoint_saved = lambda f: seen.append((f, torch.load(f, weights_only=True)["trainer_name"]))
     std.save_checkpoint(str(tmp_path / "std.pth"))
+    assert seen == [(str(tmp_path / "std.pth"), "nnUNetTrainerSTD")]  # the hook runs once the file is complete
     saved = {k: v.clone() for k, v in std.network.state_dict().items()}
     assert any(".seg_layers." in k for k in saved)
 
@@ -118,7 +122,9 @@ def test_init_weights_loads_every_weight_heads_included(tiny_env, monkeypatch, t
         assert torch.equal(own[k], v), k
 
     other = make_trainer(tiny_env, nnUNetTrainerIMA, "3d_fullres")  # another network: refused, with the way out
-    with pytest.raises(ConfigError, match="not a checkpoint of this network.*-pretrained_weights"):
+    with pytest.raises(ConfigError, match="not a checkpoint of this network.*holds trainer nnUNetTrainerSTD, "
+                       "dataset Dataset999_Tiny, configuration 2d.*builds trainer nnUNetTrainerIMA, dataset "
+                       "Dataset999_Tiny, configuration 3d_fullres.*-pretrained_weights"):
         other.initialize()
     monkeypatch.setenv("NNUNET_IMA_INIT_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(ConfigError, match="init_weights: no such file"):
@@ -140,18 +146,47 @@ def test_margin_update_follows_the_expand_rule(tiny_env, monkeypatch, rule):
     data, target = batch["data"][[0, b]], [t[[0, b]] for t in batch["target"]]
     perfect = 10.0 * F.one_hot(target[0][:, 0].long(), 3).permute(0, 3, 1, 2).float()
     fake = BPGDResult(data + 0.1, torch.tensor([True, False]), torch.tensor([0.3, 0.4]), torch.tensor([True, True]))
-    monkeypatch.setattr("nnunet_ima_trainers.adversarial.bpgd", lambda *a, **k: fake)
+    monkeypatch.setattr(importlib.import_module("nnunet_ima.ima_step"), "bpgd", lambda *a, **k: fake)
     ids = [keys[0], keys[b]]
     delta = trainer.ima_config.delta
-    trainer.make_adversarial_batch(data, target, ids, perfect)  # both clean-correct: both attacked
+    _, finish = trainer.make_adversarial_batch(data, target, ids, perfect)  # both clean-correct: both attacked
     assert trainer.margins.get(ids).tolist() == pytest.approx([delta, delta])  # no update before the noisy forward
     noisy_output = perfect.clone()
     noisy_output[1] = 0
     noisy_output[1, 0] = 10.0  # the noisy forward: sample 0 still correct, sample 1 all background (wrong)
-    trainer.after_noisy_forward(noisy_output, target)
+    finish(noisy_output)
     grown, shrunk = 2 * delta, [(0.3 + delta) / 2, (0.4 + delta) / 2]
     expected = [grown, shrunk[1]] if rule == "prediction" else [shrunk[0], grown]
     assert trainer.margins.get(ids).tolist() == pytest.approx(expected)
+
+
+def test_dice_reduction_max_and_attack_samples_all_reach_the_ima_step(tiny_env, monkeypatch):
+    """Issue 13's settings in the real trainer: a slice with class 1 perfect and class 2 missed
+    (Dice mean 0.5, max 1) counts as correct under "max"; with "all" a clean-wrong slice is attacked
+    too and its margin moves by its noisy prediction: wrong -> (||x - x~|| + E) / 2."""
+    for key, value in {"DICE_THRESHOLD": "0.6", "DICE_REDUCTION": "max", "ATTACK_SAMPLES": "all"}.items():
+        monkeypatch.setenv(f"NNUNET_IMA_{key}", value)
+    trainer = make_trainer(tiny_env, nnUNetTrainerIMA)
+    trainer.initialize()
+    batch = next(keyed_loader(trainer)[0])
+    keys, gt = list(batch["keys"]), batch["target"][0][:, 0].long()
+    a = next(i for i in range(len(keys)) if {1, 2} <= set(gt[i].unique().tolist()))
+    b = next(i for i, k in enumerate(keys) if k != keys[a])
+    data, target = batch["data"][[a, b]], [t[[a, b]] for t in batch["target"]]
+    clean = 10.0 * F.one_hot(torch.where(gt[[a, b]] == 2, 0, gt[[a, b]]), 3).permute(0, 3, 1, 2).float()
+    clean[1] = 0
+    clean[1, 0] = 10.0  # a: class 2 predicted background; b: all background (Dice 0 under both reductions)
+    from nnunet_ima import DicePredicate
+
+    assert DicePredicate(0.6)(clean, target[0]).tolist() == [False, False]  # "mean" would attack nothing
+    assert trainer.predicate(clean, target[0]).tolist() == [True, False]
+    noisy, finish = trainer.make_adversarial_batch(data, target, [keys[a], keys[b]], clean)
+    assert not torch.equal(noisy[0], data[0]) and not torch.equal(noisy[1], data[1])  # both attacked
+    finish(clean)  # the noisy forward: a still correct (max), b wrong
+    delta = trainer.ima_config.delta
+    d_b = float((noisy[1] - data[1]).flatten().norm())
+    assert trainer.margins.get([keys[a], keys[b]]).tolist() == pytest.approx([2 * delta, (d_b + delta) / 2])
+    assert (trainer.epoch_stats.attacked, trainer.epoch_stats.clean_correct) == (2, 1)
 
 
 @pytest.mark.parametrize("cls", [nnUNetTrainerSTD, nnUNetTrainerIMA])
@@ -198,6 +233,9 @@ def test_adversarial_step_and_exact_checkpoint_roundtrip(tiny_env, cls, tmp_path
     for p, q in zip(trainer.network.parameters(), restored.network.parameters()):
         assert torch.equal(p, q)
     assert restored.current_epoch == trainer.current_epoch + 1
+    saved_line = re.findall(r"saved ckpt\.pth: ima_margins digest (\w+)", open(trainer.log_file).read())
+    restored_line = re.findall(r"restored ckpt\.pth: ima_margins digest (\w+) *$", open(restored.log_file).read(), re.M)
+    assert len(saved_line) == (0 if cls is nnUNetTrainerSAT else 1) and restored_line == saved_line  # issue 12.5
     if cls is nnUNetTrainerIMA:
         assert len(trainer.margins) > 0 and all("/slice_" in k for k in trainer.margins.keys())
         assert restored.margins.keys() == trainer.margins.keys()
@@ -229,3 +267,36 @@ def test_margins_merged_across_ranks_at_epoch_end(tiny_env, tmp_path):
         dist.destroy_process_group()
     assert not trainer.margins.state_dict()["dirty"].any()  # merged
     assert torch.equal(trainer.margins.margins, before)
+
+
+def test_attacks_use_the_plain_module_and_a_loss_without_ddp_gathering(tiny_env, tmp_path):
+    """Under DDP (gloo, 1 rank here) the training loss all-gathers its Dice terms (batch_dice);
+    attack_loss is the same Dice+CE with the same deep-supervision weights, gathering nothing, and
+    attack_module is the network without the DDP and torch.compile wrappers."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nnunet_ima_trainers.local_loss import gathers_across_ranks
+
+    trainer = make_trainer(tiny_env, nnUNetTrainerSTD)  # base.py's methods; IMA under DDP: test_trainers_ddp.py
+    trainer.initialize()
+    plain_net = trainer.network
+    batch = next(keyed_loader(trainer, batch_size=3)[0])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        trainer.is_ddp = True
+        trainer.network = DDP(torch.compile(plain_net))  # nnU-Net's order: compile, then DDP
+        trainer.loss = trainer._build_loss()
+        assert gathers_across_ranks(trainer.loss)
+        assert trainer.attack_module() is plain_net
+        trainer.attack_compiled = True
+        assert trainer.attack_module() is trainer.network.module  # the compiled module, still no DDP
+        output = plain_net(batch["data"])
+        local = trainer.attack_loss(output, batch["target"])
+        built_from, local_fn = trainer._rank_local_loss
+        assert built_from is trainer.loss and local_fn is not trainer.loss and not gathers_across_ranks(local_fn)
+        assert local_fn.weight_factors == trainer.loss.weight_factors
+        assert local.item() == pytest.approx(trainer.loss(output, batch["target"]).item(), rel=1e-6)  # 1 rank
+    finally:
+        trainer.is_ddp = False
+        dist.destroy_process_group()

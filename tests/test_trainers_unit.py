@@ -11,7 +11,7 @@ import torch
 
 import nnunet_ima_trainers as trainers
 from nnunet_ima_trainers import cli
-from nnunet_ima_trainers.base import atomic_torch_save, plain
+from nnunet_ima.plumbing import atomic_torch_save, to_plain as plain
 from nnunet_ima_trainers.config import ConfigError, generic_eps_max, load_config, paper_task
 
 

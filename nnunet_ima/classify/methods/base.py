@@ -23,7 +23,8 @@ class MethodConfig:
     augment: bool = False           # data augmentation on -> IMA uses Algorithm 3
     ima_loss: str = "mean"          # "mean": later paper (L0+L1)/2; "beta": earlier paper's beta loss
     ima_beta: float = 0.5           # beta of the earlier paper's loss
-    ima_rule: str = "later"         # margin update: "later" (shrink by averaging) | "earlier" (reinit/replace)
+    ima_rule: str = "later"         # margin rule set: "later" (IMA step expand_rule "prediction", shrink by
+    #                                 averaging) | "earlier" (expand_rule "no_crossing", reinit/replace/clip at delta)
     trades_beta: float = 6.0        # TRADES regularisation weight (Zhang et al. 2019 default)
     fat_tau: int | None = None      # FAT early-stop tau; None = FAT's dynamic schedule (0 -> 1 -> 2)
     mma_clean_weight: float = 1 / 3  # MMA: weight of the clean CE term (Ding et al.: 1/3 clean, 2/3 MMA)

@@ -2,62 +2,60 @@
 augmentation is on), with the earlier paper's beta loss and margin rules as options (``ima_rule="earlier"``: re-initialise
 to Delta on a clean error, shrink to ||x - x~|| exactly when BPGD found the boundary, clip at Delta).
 
-Per batch: one clean forward (its graph is kept for the loss, not recomputed); BPGD only for the
-correctly classified samples, inside their margins E(i); one forward of their noisy samples; loss
+Per batch: one clean forward (its graph is kept for the loss, not recomputed); the kernel's IMA step
+(:func:`nnunet_ima.ima_step`, the same one nnU-Net's trainer runs): BPGD only for the correctly
+classified samples, inside their margins E(i); one forward of their noisy samples; loss
 (L0 + L1) / 2 with L1 <- L0 for the wrong ones; margin update with g(z~) read off that same noisy
 forward. Sample ids are dataset indices. In multi-process runs every rank updates the margins of
 its own samples and :meth:`end_epoch` merges them (each sample is seen once per epoch, so merging
 once per epoch gives the single-process result).
+
+``ima_rule`` is a rule SET: "later" = expand_rule "prediction" with the later paper's store rules;
+"earlier" = expand_rule "no_crossing" with the earlier paper's (reinit / replace / clip at Delta).
 """
 from __future__ import annotations
 
-import torch
+from nnunet_ima import MarginStore, argmax_correct, cross_entropy, ima_beta_loss, ima_loss
+from nnunet_ima.ima_step import IMAStepSettings, ima_step
 
-from nnunet_ima import MarginStore, bpgd, ima_beta_loss, ima_loss
+from .base import Method, MethodConfig, StepOutput
 
-from .base import Method, MethodConfig, StepOutput, ce
-
-RULES = {"later": {}, "earlier": {"on_clean_wrong": "reinit", "shrink": "replace", "clip_min": "delta"}}
+# ima_rule -> (expand rule of the IMA step, MarginStore rules)
+RULES = {"later": ("prediction", {}),
+         "earlier": ("no_crossing", {"on_clean_wrong": "reinit", "shrink": "replace", "clip_min": "delta"})}
 
 
 class Ima(Method):
     name = "ima"
     uses_margins = True
 
-    def __init__(self, cfg: MethodConfig):
+    def __init__(self, cfg: MethodConfig, predicate=argmax_correct):
+        """``predicate(output, y) -> bool (B,)``: g(z) = y (argmax; e.g. a DicePredicate for dense outputs)."""
         super().__init__(cfg)  # MethodConfig has validated ima_rule, ima_loss, delta > 0
-        self.store = MarginStore(cfg.delta, cfg.eps, **RULES[cfg.ima_rule])
+        self.predicate = predicate
+        expand_rule, store_rules = RULES[cfg.ima_rule]
+        self.store = MarginStore(cfg.delta, cfg.eps, **store_rules)
+        self.settings = IMAStepSettings(steps=cfg.steps, search_steps=cfg.search_steps, norm=cfg.norm,
+                                        variant="augment" if cfg.augment else "boundary", expand_rule=expand_rule,
+                                        clip=cfg.clip)
 
     def loss(self, model, x, y, ids):
         c = self.cfg
         logits = model(x)
-        l0 = ce(logits, y)
-        correct = logits.detach().argmax(1) == y
-        eps = self.store.get(ids, device=x.device)
-        x_adv = x.detach().clone()
-        noisy_correct = torch.zeros_like(correct)
-        distance = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-        valid = torch.ones_like(correct)
-        l1 = l0
-        idx = torch.nonzero(correct).flatten()
-        if idx.numel():
-            res = bpgd(model, x[idx], y[idx], eps[idx], norm=c.norm, steps=c.steps, search_steps=c.search_steps,
-                       variant="augment" if c.augment else "boundary", clip=c.clip)
-            noisy_logits = model(res.x_adv)
-            l1 = l0.index_put((idx,), ce(noisy_logits, y[idx]))
-            x_adv[idx] = res.x_adv
-            if c.ima_rule == "later":  # Algorithm 1, line 13: g(z~) = y, read off the noisy forward
-                noisy_correct[idx] = noisy_logits.detach().argmax(1) == y[idx]
-            else:  # earlier paper's Algorithm 2: shrink exactly when BPGD found the boundary
-                noisy_correct[idx] = ~res.crossed
-            distance[idx] = res.distance
-            valid[idx] = res.valid
+        l0 = cross_entropy(logits, y)  # per sample (B,), averaged over pixels for dense outputs
+        correct = self.predicate(logits.detach(), y)
+        noisy, update = ima_step(model, x, y, ids, logits.detach(), self.predicate, self.store, self.settings)
+        l1, noisy_logits = l0, None
+        if update.rows.numel():
+            noisy_logits = model(noisy[update.rows])  # only the attacked rows: L1 <- L0 for the others
+            l1 = l0.index_put((update.rows,), cross_entropy(noisy_logits, y[update.rows]))
         if c.ima_loss == "mean":
             loss = ima_loss(l0, l1, correct)
         else:
             loss = ima_beta_loss(l0, l1, correct, c.ima_beta)
-        self.store.update(ids, correct, noisy_correct, distance, valid)
-        return StepOutput(loss, logits, x_adv, {"attacked": int(idx.numel())})
+        stats = update.finish(noisy_logits)
+        x_adv = noisy if noisy is not None else x.detach().clone()
+        return StepOutput(loss, logits, x_adv, {"attacked": stats.attacked, "fell_back": stats.fell_back})
 
     def start_epoch(self, epoch, epochs):
         self.store.reset_counters()
