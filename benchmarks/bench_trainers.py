@@ -3,6 +3,11 @@ nnUNetTrainerIMA, and IMA against its floor, all measured in one run on a genera
 
     .venv/bin/python benchmarks/bench_trainers.py                 # K=20, N=10 (paper), 2d, CPU
     .venv/bin/python benchmarks/bench_trainers.py --k 5 --n 3 --iters 2 --shape 8 32 32   # quick look
+    # GPU, a real-size 2d plan (generated 256x256 slices, or an existing preprocessed dataset):
+    .venv/bin/python benchmarks/bench_trainers.py --device cuda --compile off --shape 32 256 256 --json off.json
+    .venv/bin/python benchmarks/bench_trainers.py --device cuda --compile on  --shape 32 256 256 --json on.json
+    .venv/bin/python benchmarks/bench_trainers.py --device cuda --preprocessed \
+        $nnUNet_preprocessed/Dataset004_Hippocampus
 
 What is measured
 * A small dataset (``synthetic_shapes``) is written, planned and preprocessed by the real
@@ -26,11 +31,17 @@ What is measured
   does), i.e. activations, gradients and temporaries on top of model + optimizer state.
   tracemalloc is not used: it only sees Python's allocator, not torch's buffers.
   On CUDA: torch.cuda.max_memory_allocated() minus the allocation before the step.
+* CUDA: the trainers run as nnU-Net runs them there (autocast + GradScaler); ``--compile on`` sets
+  nnUNet_compile=true, so the network of all three trainers is compiled (3 untimed warm-up steps)
+  while IMA's and SAT's attacks run on the uncompiled module (``attack_module``; their batch size
+  changes every iteration). The floor's bare attack steps run under autocast on the standard
+  trainer's (compiled, with --compile on) network.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -45,13 +56,35 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, default=20, help="PGD steps (paper: 20)")
     p.add_argument("--n", type=int, default=10, help="binary-search steps (paper: 10)")
-    p.add_argument("--iters", type=int, default=3, help="timed iterations per trainer (after 1 warm-up)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per trainer (after the warm-up)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed warm-up iterations per trainer (default 1; 3 with --compile on)")
     p.add_argument("--shape", type=int, nargs=3, default=(16, 64, 64), help="generated case shape z y x")
     p.add_argument("--cases", type=int, default=6)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: autocast + GradScaler, as nnU-Net")
+    p.add_argument("--compile", default="off", choices=("on", "off"),
+                   help="nnU-Net's torch.compile of the network (nnUNet_compile; CUDA only, nnU-Net never "
+                        "compiles on the CPU). IMA/SAT attack the uncompiled module either way (attack_module)")
+    p.add_argument("--preprocessed", default=None,
+                   help="an existing nnUNet_preprocessed/DatasetXXX folder to benchmark its 2d plan (e.g. a real "
+                        "dataset) instead of generating one")
+    p.add_argument("--plans", default="nnUNetPlans", help="plans identifier inside --preprocessed")
     p.add_argument("--root", default=None, help="work folder (default: a temporary one)")
-    return p.parse_args()
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args()
+    if args.warmup is None:
+        args.warmup = 3 if args.compile == "on" else 1
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: no CUDA device is available to torch on this machine")
+    if args.cases < 5 and not args.preprocessed:
+        p.error(f"--cases {args.cases}: nnU-Net's 5-fold split needs at least 5 cases")
+    if args.compile == "on" and args.device != "cuda":
+        p.error("--compile on needs --device cuda (nnU-Net disables torch.compile on the CPU)")
+    return args
 
 
 class RSSPeak:
@@ -117,10 +150,13 @@ def measure(fn, device, repeats: int, prepare=None):
 
 class WorstCasePredicate:
     """Computes the real Dice, then answers: first call after ``reset()`` (the clean batch) ->
-    all correct; every later call (inside BPGD) -> all wrong."""
+    all correct; every later call (inside BPGD, and the margin update's) -> all wrong."""
 
     def __init__(self, real):
-        self.real, self.threshold, self._clean = real, real.threshold, True
+        self.real, self._clean = real, True
+
+    def __getattr__(self, name):  # threshold, reduction, ... of the real predicate
+        return getattr(self.real, name)
 
     def reset(self):
         self._clean = True
@@ -134,85 +170,82 @@ class WorstCasePredicate:
         return verdict
 
 
-def main():
-    args = parse_args()
-    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.environ.update(MALLOC_ENV)  # glibc reads these at start-up: run again with them
-        os.execv(sys.executable, [sys.executable, *sys.argv])
-
+def prepare_dataset(args) -> Path:
+    """Set the nnU-Net environment; return the 2d plans file (generated + preprocessed if needed)."""
     root = Path(args.root or tempfile.mkdtemp(prefix="bench_trainers_"))
-    from nnunet_ima.nnunet_data import nnunet_env, plan_and_preprocess, synthetic_shapes, write_raw_dataset
+    from nnunet_ima.demo.nnunet_data import nnunet_env, plan_and_preprocess, write_raw_dataset
 
     env = nnunet_env(root)
-    env.update(nnUNet_n_proc_DA="0", nnUNet_compile="false", NNUNET_IMA_K=str(args.k), NNUNET_IMA_N=str(args.n))
+    env.update(nnUNet_n_proc_DA="0", nnUNet_compile="true" if args.compile == "on" else "false",
+               NNUNET_IMA_K=str(args.k), NNUNET_IMA_N=str(args.n))
+    if args.preprocessed:
+        folder = Path(args.preprocessed).resolve()
+        env["nnUNet_preprocessed"] = str(folder.parent)
+        os.environ.update(env)
+        return folder / f"{args.plans}.json"
     os.environ.update(env)
-    dataset_id = 998
     plans_file = root / "nnUNet_preprocessed" / "Dataset998_Bench" / "nnUNetPlans.json"
     if not plans_file.exists():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test-only data generators
+        from data_gen import synthetic_shapes
+
         t0 = time.perf_counter()
         cases = synthetic_shapes(args.cases, shape=tuple(args.shape), seed=1)
-        write_raw_dataset(env["nnUNet_raw"], dataset_id, "Bench", cases, {"background": 0, "outer": 1, "core": 2})
-        plan_and_preprocess(dataset_id, ("2d",), env=env)
+        write_raw_dataset(env["nnUNet_raw"], 998, "Bench", cases, {"background": 0, "outer": 1, "core": 2})
+        plan_and_preprocess(998, ("2d",), env=env)
         print(f"dataset: {args.cases} cases {tuple(args.shape)}, planned + preprocessed in "
               f"{time.perf_counter() - t0:.0f} s")
+    return plans_file
 
-    import torch
+
+def build(cls, plans_file: Path, device):
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunet_ima_trainers import nnUNetTrainerIMA, nnUNetTrainerSAT
+    plans = load_json(str(plans_file))
+    plans["continue_training"] = False
+    dataset_json = load_json(str(plans_file.with_name("dataset.json")))
+    trainer = cls(plans, "2d", 0, dataset_json, device=device)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    return trainer
 
-    torch.set_num_threads(args.threads or os.cpu_count())
-    device = torch.device(args.device)
 
-    def build(cls):
-        plans = load_json(str(plans_file))
-        plans["continue_training"] = False
-        dataset_json = load_json(str(plans_file.with_name("dataset.json")))
-        trainer = cls(plans, "2d", 0, dataset_json, device=device)
-        trainer.on_train_start()
-        trainer.on_train_epoch_start()
-        return trainer
+def time_steps(trainer, weights, batches, args, device, before=None):
+    """(wall s, CPU s, peak bytes) of ``train_step`` on the timed batches, after the warm-up ones."""
+    trainer.network.load_state_dict(weights)
+    it = iter(batches)
 
-    std, sat, ima = build(nnUNetTrainer), build(nnUNetTrainerSAT), build(nnUNetTrainerIMA)
-    weights = copy.deepcopy(std.network.state_dict())
-    batches = [next(ima.dataloader_train) for _ in range(args.iters + 1)]  # keys: case/slice_k
-    b = batches[0]["data"]
-    print(f"2d patch {tuple(b.shape[2:])}, batch {b.shape[0]}, {sum(p.numel() for p in std.network.parameters())/1e6:.1f} M"
-          f" parameters, K={args.k}, N={args.n}, {torch.get_num_threads()} threads, device {device}")
+    def prepare():
+        # train_step starts with zero_grad(set_to_none=True); doing it first makes the baseline
+        # "model + optimizer state", without the previous step's gradient buffers
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if before:
+            before()
 
-    def steps(trainer, before=None):
-        trainer.network.load_state_dict(weights)
-        it = iter(batches)
-
-        def prepare():
-            # train_step starts with zero_grad(set_to_none=True); doing it first makes the baseline
-            # "model + optimizer state", without the previous step's gradient buffers
-            trainer.optimizer.zero_grad(set_to_none=True)
-            if before:
-                before()
-
+    for _ in range(args.warmup):  # allocates the optimizer state; compiles under --compile on
         prepare()
-        trainer.train_step(next(it))  # warm-up (allocates the optimizer state)
-        return measure(lambda: trainer.train_step(next(it)), device, args.iters, prepare)
+        trainer.train_step(next(it))
+    return measure(lambda: trainer.train_step(next(it)), device, args.iters, prepare)
 
-    results = {"nnUNetTrainer": steps(std)}
-    results["nnUNetTrainerSAT"] = steps(sat)
-    ima.predicate = WorstCasePredicate(ima.predicate)
-    results["nnUNetTrainerIMA"] = steps(ima, before=ima.predicate.reset)
 
-    # ---- the floor, bare code on the same network and batch
+def measure_floor(std, weights, batch, args, device) -> dict:
+    """One bare attack step (forward + backward to the input with frozen weights + the L2 step
+    arithmetic, under autocast on CUDA) and one no_grad forward, on the standard trainer's network."""
+    import torch
+
     net, loss_fn = std.network, std.loss
     net.load_state_dict(weights)
-    x = batches[0]["data"].to(device)
-    y = [t.to(device) for t in batches[0]["target"]]
+    x = batch["data"].to(device)
+    y = [t.to(device) for t in batch["target"]]
 
     def attack_step():
         for p in net.parameters():
             p.requires_grad_(False)
         net.eval()
         xa = x.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(loss_fn(net(xa), y), xa)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):  # as nnU-Net's training step
+            loss = loss_fn(net(xa), y)
+        (g,) = torch.autograd.grad(loss, xa)
         with torch.no_grad():
             step = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
             d = xa.detach() + 0.1 * step - x
@@ -223,31 +256,70 @@ def main():
         net.train()
 
     def forward():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
             net.eval()
             net(x)
             net.train()
 
     attack_step(), forward()  # warm-up
     reps = max(args.iters, 3)
-    parts = {"step": results["nnUNetTrainer"], "attack": measure(attack_step, device, reps),
-             "forward": measure(forward, device, reps)}
-    floor = [parts["step"][i] + args.k * parts["attack"][i] + args.n * parts["forward"][i] for i in (0, 1)]
-    m_step = parts["step"][2]
+    return {"attack": measure(attack_step, device, reps), "forward": measure(forward, device, reps)}
 
-    print(f"\nper iteration (mean of {args.iters}): wall s, process CPU s ({torch.get_num_threads()} threads; less "
+
+def report(results: dict, parts: dict, args, threads: int) -> dict:
+    """Print the table; return the numbers (for --json)."""
+    step = results["nnUNetTrainer"]
+    floor = [step[i] + args.k * parts["attack"][i] + args.n * parts["forward"][i] for i in (0, 1)]
+    print(f"\nper iteration (mean of {args.iters}): wall s, process CPU s ({threads} threads; less "
           "disturbed by other load), peak memory increase (max):")
     for name, (w, c, m) in results.items():
         print(f"  {name:<18} {w:8.3f} s wall {c:8.3f} s CPU {m / 2**20:8.1f} MiB   "
-              f"(x{w / parts['step'][0]:.2f} wall, x{c / parts['step'][1]:.2f} CPU, x{m / m_step:.2f} memory)")
+              f"(x{w / step[0]:.2f} wall, x{c / step[1]:.2f} CPU, x{m / step[2]:.2f} memory)")
     for i, kind in ((0, "wall"), (1, "CPU")):
-        print(f"floor ({kind}): standard step {parts['step'][i]:.3f} s + K={args.k} x attack step "
+        print(f"floor ({kind}): standard step {step[i]:.3f} s + K={args.k} x attack step "
               f"{parts['attack'][i]:.3f} s + N={args.n} x forward {parts['forward'][i]:.3f} s = {floor[i]:.3f} s")
     ratios = [results["nnUNetTrainerIMA"][i] / floor[i] for i in (0, 1)]
-    mem = results["nnUNetTrainerIMA"][2] / m_step
+    mem = results["nnUNetTrainerIMA"][2] / step[2]
     print(f"IMA / floor = {ratios[0]:.3f} wall, {ratios[1]:.3f} CPU  (target <= 1.2: "
           f"{'met' if max(ratios) <= 1.2 else 'NOT met'})")
     print(f"IMA peak memory increase / standard = {mem:.2f}  (target <= 1.5: {'met' if mem <= 1.5 else 'NOT met'})")
+    return {"per_iteration": {k: {"wall_s": v[0], "cpu_s": v[1], "peak_bytes": v[2]} for k, v in results.items()},
+            "floor_wall_s": floor[0], "floor_cpu_s": floor[1], "ima_over_floor_wall": ratios[0],
+            "ima_over_floor_cpu": ratios[1], "ima_memory_ratio": mem}
+
+
+def main():
+    args = parse_args()
+    if args.device == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        os.environ.update(MALLOC_ENV)  # glibc reads these at start-up: run again with them
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    plans_file = prepare_dataset(args)
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ima_trainers import nnUNetTrainerIMA, nnUNetTrainerSAT
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    device = torch.device(args.device)
+    std, sat, ima = (build(cls, plans_file, device) for cls in (nnUNetTrainer, nnUNetTrainerSAT, nnUNetTrainerIMA))
+    weights = copy.deepcopy(std.network.state_dict())
+    batches = [next(ima.dataloader_train) for _ in range(args.iters + args.warmup)]  # keys: case/slice_k
+    b = batches[0]["data"]
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
+    params = sum(p.numel() for p in std.network.parameters()) / 1e6
+    print(f"2d patch {tuple(b.shape[2:])}, batch {b.shape[0]}, {params:.1f} M parameters, K={args.k}, N={args.n}, "
+          f"{torch.get_num_threads()} threads, device {device} (GPU: {gpu}), compile {args.compile}")
+
+    results = {"nnUNetTrainer": time_steps(std, weights, batches, args, device)}
+    results["nnUNetTrainerSAT"] = time_steps(sat, weights, batches, args, device)
+    ima.predicate = WorstCasePredicate(ima.predicate)
+    results["nnUNetTrainerIMA"] = time_steps(ima, weights, batches, args, device, before=ima.predicate.reset)
+    numbers = report(results, measure_floor(std, weights, batches[0], args, device), args, torch.get_num_threads())
+    if args.json:
+        numbers.update(device=str(device), gpu=gpu, compile=args.compile, k=args.k, n=args.n,
+                       patch=list(b.shape[2:]), batch=int(b.shape[0]), plans=str(plans_file))
+        Path(args.json).write_text(json.dumps(numbers, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,3 +18,31 @@ def test_every_package_is_installed():
             found.add(".".join((name, *rel)))
     assert found == listed, f"missing from setup.cfg: {found - listed}; stale: {listed - found}"
     assert mapping == {"nnunet_ima_eval": "eval"}
+
+
+def _imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.level == 1:  # relative, inside the kernel's folder
+            names |= {f"nnunet_ima.{node.module}"} if node.module else {f"nnunet_ima.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_kernel_imports_nothing_from_the_layers_above_it():
+    """Layering (ARCHITECTURE.md): the kernel modules (nnunet_ima/*.py) import neither the trainers,
+    the evaluation, the classification app nor the demo; test data does not ship in the package."""
+    above = ("nnunet_ima_trainers", "nnunet_ima_eval", "nnunet_ima.classify", "nnunet_ima.demo")
+    offenders = {}
+    for path in sorted((ROOT / "nnunet_ima").glob("*.py")):
+        bad = sorted(m for m in _imports(path) if m.startswith(above))
+        if bad:
+            offenders[path.name] = bad
+    assert not offenders, f"kernel modules import upward: {offenders}"
+    shipped = "\n".join(p.read_text() for p in (ROOT / "nnunet_ima").rglob("*.py"))
+    assert "def synthetic_shapes" not in shipped  # test data lives in tests/data_gen.py

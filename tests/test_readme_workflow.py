@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_ima.nnunet_data import synthetic_shapes
+from data_gen import synthetic_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["nnUNetTrainerSTD_50epochs_50iters", "nnUNetTrainerSAT_50epochs_50iters", "nnUNetTrainerIMA_50epochs_50iters"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+DATASET_NAME = "MNIBrain"  # nnU-Net folder Dataset<id>_MNIBrain
 LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
 
 

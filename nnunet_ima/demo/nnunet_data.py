@@ -1,7 +1,7 @@
 """Write nnU-Net v2 raw datasets (NIfTI + dataset.json) and run nnU-Net's own planning.
 
-Used by the demo (real anatomy from the MNI152 template) and by the tests (generated shapes). The
-layout is exactly what ``nnUNetv2_plan_and_preprocess`` expects:
+Used by the demo (real anatomy from the MNI152 template), the tests and the benchmarks (generated
+shapes, ``tests/data_gen.py``). The layout is exactly what ``nnUNetv2_plan_and_preprocess`` expects:
 ``$nnUNet_raw/DatasetXXX_Name/{imagesTr,labelsTr,imagesTs,labelsTs}``, images ``<case>_0000.nii.gz``.
 """
 from __future__ import annotations
@@ -50,27 +50,6 @@ def write_raw_dataset(raw_root, dataset_id: int, name: str, train: dict, labels:
     generate_dataset_json(str(folder), {0: channel_name}, labels, len(train), ".nii.gz", dataset_name=name,
                           description=description, license="see description", converted_by="nnunet-ima")
     return folder
-
-
-def synthetic_shapes(n_cases: int, shape=(8, 32, 32), seed: int = 0, noise: float = 0.3) -> dict:
-    """Cases with a bright ellipsoid (label 1) holding a darker core (label 2) at random positions.
-
-    Small, quick to learn, and with a known ground truth: meant for tests and smoke runs.
-    """
-    rng = np.random.default_rng(seed)
-    zz, yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij")
-    cases = {}
-    for i in range(n_cases):
-        c = [rng.uniform(0.35 * s, 0.65 * s) for s in shape]
-        r = [rng.uniform(0.22 * s, 0.32 * s) for s in shape]
-        d = ((zz - c[0]) / r[0]) ** 2 + ((yy - c[1]) / r[1]) ** 2 + ((xx - c[2]) / r[2]) ** 2
-        label = np.zeros(shape, np.uint8)
-        label[d <= 1.0] = 1
-        label[d <= 0.35] = 2
-        image = np.select([label == 2, label == 1], [0.5, 1.0], 0.0).astype(np.float32)
-        image += noise * rng.standard_normal(shape).astype(np.float32)
-        cases[f"case_{i:03d}"] = (image * 100.0 + 50.0, label)
-    return cases
 
 
 def nnunet_env(root) -> dict:

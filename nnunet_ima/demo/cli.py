@@ -1,0 +1,55 @@
+"""``nnunet-ima``: the project's umbrella command. It lives in the app layer (the demo package):
+the kernel imports none of this, and ``env`` borrows the trainers' own helper.
+
+Argument errors are one line on stderr and exit code 2, before anything is built.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checks import DemoArgumentError
+
+USAGE = """
+    nnunet-ima demo      # the main job on built-in data (MNI152 anatomy): nnunet-ima demo -h
+    nnunet-ima env       # print the `export nnUNet_extTrainer=...` line for nnUNetv2_train/_predict
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: ``prog: error: argument --k: ...``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import runner
+
+    parser = OneLineParser(prog="nnunet-ima", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="train STD/SAT/IMA nnU-Net models on MNI152 anatomy and attack them",
+                       description=runner.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    runner.add_arguments(p)
+    sub.add_parser("env", help="print the export line that lets nnUNetv2_train/_predict find our trainers")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "env":
+        from nnunet_ima_trainers.cli import print_env  # the app layer may use the trainers' helper
+
+        print_env()
+        return 0
+    from .runner import run
+
+    try:
+        return run(args)  # checks every argument, path and the device first
+    except DemoArgumentError as e:
+        print(f"nnunet-ima demo: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

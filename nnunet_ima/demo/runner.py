@@ -1,0 +1,238 @@
+"""``nnunet-ima demo``: the main job on built-in data, from nothing to a robustness table.
+
+1. builds an nnU-Net raw dataset from real anatomy shipped offline (MNI152 T1 + grey/white-matter
+   maps from the ``nilearn`` wheel, see :mod:`nnunet_ima.demo.mni`);
+2. runs nnU-Net's own ``nnUNetv2_plan_and_preprocess`` (2d);
+3. trains the standard nnU-Net model (``nnUNetTrainerSTD`` = nnUNetTrainer with a configurable
+   schedule), then SAT and IMA starting from its weights (the papers' time saver), all through the
+   real ``nnUNetv2_train`` machinery (``nnunet-ima-train``);
+4. attacks all three on the held-out test slabs with ``nnunet-ima-attack`` (PGD and IFGSM, L2, and
+   the per-sample worst case over both), prints the papers' table and says in words whether it
+   shows the paper's effect (:mod:`nnunet_ima.demo.verdict`).
+
+Every argument, path and the device are checked first (:mod:`nnunet_ima.demo.checks`). The default
+schedule is sized for a 2-core CPU: measured 8.8 minutes on an idle 2-core machine and 15.0 on a
+busy one, from a fresh clone (the time follows the CPU's free cores; the attacks are the largest part).
+
+The demo network is nnU-Net's 2d plan with fewer feature maps per stage and a larger batch (plans
+``nnUNetPlansDemo``, written next to nnU-Net's own plans); everything else (preprocessing,
+augmentation, loss, deep supervision, optimiser, inference) is nnU-Net's. ``--paper`` uses
+nnU-Net's own plans and the paper's schedule (50 epochs x 50 iterations, K=20, N=10): hours on a
+CPU, meant for a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from nnunet_ima.plumbing import atomic_write_text
+
+from .checks import DemoArgumentError, check_args
+from .mni import DATASET_NAME
+from .nnunet_data import dataset_folder_name, nnunet_command, plan_and_preprocess, write_raw_dataset
+from .verdict import TRAINERS, say, verdict
+
+DATASET_ID = 990
+DEMO_PLANS = "nnUNetPlansDemo"
+ATTACKS = ("pgd", "ifgsm", "worst")  # worst: per sample the lowest Dice of the two, no extra attack
+PAPER_SCHEDULE = dict(epochs_std=50, epochs_adv=50, iters=50, k=20, n=10)  # section 3.5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", default="nnunet_ima_work",
+                   help="folder for nnUNet_raw/_preprocessed/_results when those variables are not set "
+                        "(default: ./nnunet_ima_work)")
+    p.add_argument("--dataset-id", type=int, default=DATASET_ID, help=f"nnU-Net dataset id (default {DATASET_ID})")
+    p.add_argument("--resolution", type=float, default=3.0, help="template resampling in mm (default 3)")
+    p.add_argument("--slab", type=int, default=4, help="axial slices per case (default 4)")
+    p.add_argument("--epochs-std", type=int, default=30, help="epochs of standard training (default 30)")
+    p.add_argument("--epochs-adv", type=int, default=10,
+                   help="epochs of SAT / IMA training, started from the standard model (default 10)")
+    p.add_argument("--iters", type=int, default=12, help="training iterations per epoch (default 12)")
+    p.add_argument("--val-iters", type=int, default=2, help="validation iterations per epoch (default 2)")
+    p.add_argument("--k", type=int, default=5, help="PGD steps in IMA/SAT training (paper: 20; default 5)")
+    p.add_argument("--n", type=int, default=5, help="binary-search steps in IMA (paper: 10; default 5)")
+    p.add_argument("--delta", type=float, default=1.0, help="IMA margin expansion step (default 1.0)")
+    p.add_argument("--eps-max", type=float, default=10.0, help="IMA eps_max / eps_train (default 10)")
+    p.add_argument("--sat-eps", type=float, default=5.0, help="SAT's fixed eps (default 5)")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 2.0, 5.0, 10.0],
+                   help="L2 noise levels for the evaluation (default 0 2 5 10)")
+    p.add_argument("--pgd-steps", type=int, default=100, help="PGD steps in the evaluation (paper: 100)")
+    p.add_argument("--ifgsm-steps", type=int, default=10, help="IFGSM steps in the evaluation (paper: 10)")
+    p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128],
+                   help="feature maps per stage of the demo network (default 8 16 32 64 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of the demo plans (default 8)")
+    p.add_argument("--paper", action="store_true",
+                   help="nnU-Net's own plans and the paper's schedule (50x50, K=20, N=10): for a GPU")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate even if results exist")
+
+
+def prepare_folders(workdir: str) -> dict:
+    """The environment of every nnU-Net call: nnUNet_* folders (under ``workdir`` unless set), created."""
+    env = dict(os.environ)
+    base = Path(workdir).expanduser().resolve()
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        flag = f"${var}" if env.get(var) else "--workdir"
+        env[var] = env.get(var) or str(base / var)
+        try:
+            Path(env[var]).mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # what os.access could not foresee (read-only mounts, /proc, ...)
+            raise DemoArgumentError(flag, env[var], f"a folder that can be created ({e.strerror})") from None
+    env.setdefault("nnUNet_compile", "false")
+    # nnU-Net's validation export spawns nnUNet_def_n_proc (default 8) workers that each import torch:
+    # minutes of overhead on a 2-core machine for a few small cases
+    env.setdefault("nnUNet_def_n_proc", "1")
+    return env
+
+
+_SHOW = re.compile(r"Epoch \d|train_loss|val_loss|Pseudo dice|[Mm]argin|Epoch time|Mean Validation Dice|suggest|"
+                   r"nnunet-ima|Error|error|Traceback|\||ADI|TVDI|check|written|wrote|%\|")
+
+
+def _stream(cmd: list[str], env: dict, log: Path, show=_SHOW) -> None:
+    """Run a command; echo its progress lines live (all output goes to ``log``); raise on failure."""
+    say("$ " + " ".join(cmd))
+    with open(log, "a") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        tail: list[str] = []
+        for line in proc.stdout:
+            fh.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            if line.strip() and (show.search(line) if show is not None else "%|" not in line):
+                print("    " + line.rstrip(), flush=True)
+        if proc.wait():
+            print("\n".join("    " + t for t in tail), flush=True)
+            raise SystemExit(f"nnunet-ima demo: command failed (exit {proc.returncode}), full log: {log}\n"
+                             f"  {' '.join(cmd)}")
+
+
+def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4) -> Path:
+    """Step 1: the MNI152 slabs as an nnU-Net raw dataset (skipped when its dataset.json exists)."""
+    from .mni import LABELS, mni_slab_cases
+
+    folder = Path(env["nnUNet_raw"]) / dataset_folder_name(dataset_id, DATASET_NAME)
+    if (folder / "dataset.json").exists():
+        say(f"dataset exists: {folder}")
+        return folder
+    say("building the dataset from the MNI152 template shipped with nilearn")
+    train, test, spacing = mni_slab_cases(resolution, slab=slab)
+    if len(train) < 5 or not test:  # nnU-Net's 5-fold split needs 5 training cases
+        raise DemoArgumentError("--resolution", resolution,
+                                f"a value that leaves >= 5 training and >= 1 test slabs of --slab {slab} with brain "
+                                f"tissue (this gives {len(train)} and {len(test)})")
+    write_raw_dataset(env["nnUNet_raw"], dataset_id, DATASET_NAME, train, LABELS, test=test, spacing=spacing,
+                      channel_name="T1",
+                      description="MNI152 ICBM 2009a T1 template (nilearn), axial slabs; labels from the template's "
+                                  "grey/white-matter probability maps")
+    say(f"wrote {len(train)} training and {len(test)} test cases to {folder}")
+    return folder
+
+
+def plan(env: dict, dataset_id: int, raw: Path, logdir: Path) -> None:
+    """Step 2: nnU-Net's own planning and 2d preprocessing (skipped when its plans exist)."""
+    if (Path(env["nnUNet_preprocessed"]) / raw.name / "nnUNetPlans.json").exists():
+        return
+    say("nnU-Net planning and preprocessing (nnUNetv2_plan_and_preprocess -c 2d)")
+    with open(logdir / "plan_and_preprocess.log", "w") as log:
+        plan_and_preprocess(dataset_id, ("2d",), env=env, log=log)
+
+
+def write_demo_plans(env: dict, dataset_id: int, features: list[int], batch_size: int) -> str:
+    """Copy nnU-Net's plans with a smaller 2d network and a larger batch; same preprocessed data."""
+    pre = Path(env["nnUNet_preprocessed"]) / dataset_folder_name(dataset_id, DATASET_NAME)
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    demo = copy.deepcopy(plans)
+    demo["plans_name"] = DEMO_PLANS
+    cfg = demo["configurations"]["2d"]
+    arch = cfg["architecture"]["arch_kwargs"]
+    n = min(len(features), arch["n_stages"])
+    for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
+        arch[key] = arch[key][:n]
+    arch["n_conv_per_stage_decoder"] = arch["n_conv_per_stage_decoder"][: n - 1]
+    arch["n_stages"] = n
+    arch["features_per_stage"] = list(features[:n])
+    cfg["batch_size"] = batch_size
+    cfg["data_identifier"] = plans["configurations"]["2d"]["data_identifier"]  # reuse preprocessed data
+    demo["configurations"] = {"2d": cfg}
+    atomic_write_text(pre / f"{DEMO_PLANS}.json", json.dumps(demo, indent=2))
+    return DEMO_PLANS
+
+
+def choose_plans(args: argparse.Namespace, env: dict) -> tuple[str, dict]:
+    """The plans identifier and the schedule: the demo's small network, or nnU-Net's plans with ``--paper``."""
+    if args.paper:
+        return "nnUNetPlans", dict(PAPER_SCHEDULE)
+    plans = write_demo_plans(env, args.dataset_id, args.features, args.batch_size)
+    return plans, dict(epochs_std=args.epochs_std, epochs_adv=args.epochs_adv, iters=args.iters, k=args.k, n=args.n)
+
+
+def checkpoint_path(env: dict, dataset_id: int, trainer: str, plans: str) -> Path:
+    return (Path(env["nnUNet_results"]) / dataset_folder_name(dataset_id, DATASET_NAME) /
+            f"{trainer}__{plans}__2d" / "fold_0" / "checkpoint_final.pth")
+
+
+def training_env(args: argparse.Namespace, env: dict, sched: dict, trainer: str, std_ckpt: Path) -> dict:
+    """The NNUNET_IMA_* settings of one training run (the trainers read no arguments)."""
+    std = trainer == TRAINERS[0]
+    tenv = dict(env, NNUNET_IMA_ITERS=str(sched["iters"]), NNUNET_IMA_VAL_ITERS=str(args.val_iters),
+                NNUNET_IMA_K=str(sched["k"]), NNUNET_IMA_N=str(sched["n"]), NNUNET_IMA_DELTA=str(args.delta),
+                NNUNET_IMA_EPS_MAX=str(args.eps_max), NNUNET_IMA_SAT_EPS=str(args.sat_eps),
+                NNUNET_IMA_EPOCHS=str(sched["epochs_std"] if std else sched["epochs_adv"]))
+    if not std:  # the papers' time saver: start from the whole standard model (nnU-Net's
+        tenv["NNUNET_IMA_INIT_WEIGHTS"] = str(std_ckpt)  # -pretrained_weights would drop its output heads)
+    return tenv
+
+
+def train_models(args: argparse.Namespace, env: dict, plans: str, sched: dict, logdir: Path) -> None:
+    """Step 3: STD, then SAT and IMA from STD's weights, each through ``nnunet-ima-train``."""
+    std_ckpt = checkpoint_path(env, args.dataset_id, TRAINERS[0], plans)
+    for trainer in TRAINERS:
+        ckpt = checkpoint_path(env, args.dataset_id, trainer, plans)
+        if ckpt.exists() and not args.overwrite:
+            say(f"{trainer}: trained model exists, skipping ({ckpt})")
+            continue
+        cmd = nnunet_command("nnunet-ima-train") + [
+            str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", args.device]
+        say(f"training {trainer}")
+        _stream(cmd, training_env(args, env, sched, trainer, std_ckpt), logdir / f"train_{trainer}.log")
+
+
+def attack_command(args: argparse.Namespace, raw: Path, plans: str, out: Path) -> list[str]:
+    """``nnunet-ima-attack`` on the held-out test slabs of all three models."""
+    cmd = nnunet_command("nnunet-ima-attack") + [
+        "-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-p", plans, "-tr", *TRAINERS,
+        "-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "--eps", *[f"{e:g}" for e in args.eps],
+        "--attacks", *ATTACKS, "--pgd-steps", str(args.pgd_steps),
+        "--ifgsm-steps", str(args.ifgsm_steps), "-o", str(out), "--device", args.device]
+    return cmd + (["--overwrite"] if args.overwrite else [])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole demo. Every argument is checked first (:func:`~nnunet_ima.demo.checks.check_args`
+    raises :class:`~nnunet_ima.demo.checks.DemoArgumentError` before anything is created)."""
+    check_args(args)
+    t0 = time.time()
+    env = prepare_folders(args.workdir)
+    logdir = Path(env["nnUNet_results"]).parent / "demo_logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    say(f"nnUNet_raw={env['nnUNet_raw']}\n    nnUNet_preprocessed={env['nnUNet_preprocessed']}\n"
+        f"    nnUNet_results={env['nnUNet_results']}\n    logs in {logdir}")
+    raw = build_dataset(env, args.dataset_id, args.resolution, args.slab)
+    plan(env, args.dataset_id, raw, logdir)
+    plans, sched = choose_plans(args, env)
+    say(f"plans {plans}; schedule {sched}; IMA delta={args.delta} eps_max={args.eps_max}; SAT eps={args.sat_eps}")
+    train_models(args, env, plans, sched, logdir)
+    out = Path(env["nnUNet_results"]).parent / "demo_robustness"
+    say("attacking all models on the held-out test slabs")
+    _stream(attack_command(args, raw, plans, out), env, logdir / "attack.log", show=None)
+    verdict(out, args.eps)
+    say(f"done in {(time.time() - t0) / 60:.1f} min. Results: {out} (results.csv, results.json, plots); "
+        f"models: {Path(env['nnUNet_results']) / raw.name}")
+    return 0
