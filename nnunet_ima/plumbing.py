@@ -7,9 +7,11 @@ headless figures. Small on purpose; nothing here knows about IMA.
   ``torch.load(weights_only=True)``); ``for_json=True`` also turns tensors and tuples into lists and
   dict keys into strings.
 * :func:`pyplot` - ``matplotlib.pyplot`` on the Agg backend (no screen needed).
+* :class:`OneLineParser` - argparse whose errors are one line (``prog: error: ...``), exit code 2.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,3 +79,11 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: ``prog: error: argument --k: ... (see prog --help)``,
+    exit code 2 (every command line of the project reports a bad argument this way)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

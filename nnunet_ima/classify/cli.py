@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from nnunet_ima.plumbing import atomic_write_text, to_plain
+from nnunet_ima.plumbing import OneLineParser, atomic_write_text, to_plain
 
 from .checks import ArgError, check_checkpoint, check_data_options, check_device, check_eval_options, \
     check_numbers, check_paths, check_schedule, parse_methods
@@ -42,13 +42,6 @@ from .train import RunExistsError, model_from_checkpoint, train
 from .verdict import verdict
 
 QUICK = {"limit_train": 2000, "limit_test": 500, "max_epochs": 10}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block): ``error: argument --x: ...``."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _floats(s: str) -> tuple:
@@ -122,7 +115,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m nnunet_ima.classify", description=__doc__,
+    p = OneLineParser(prog="python -m nnunet_ima.classify", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="train several methods, evaluate them, print the comparison table")

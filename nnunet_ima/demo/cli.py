@@ -8,19 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nnunet_ima.plumbing import OneLineParser
+
 from .checks import DemoArgumentError
 
 USAGE = """
     nnunet-ima demo      # the main job on built-in data (MNI152 anatomy): nnunet-ima demo -h
     nnunet-ima env       # print the `export nnUNet_extTrainer=...` line for nnUNetv2_train/_predict
 """
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse without the usage block on errors: ``prog: error: argument --k: ...``, exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
