@@ -62,7 +62,7 @@ def cases(n_slices: int, shape=(56, 40), per_case: int = 32) -> list[Case]:
 def measure(model, data, attack: str, steps: int, batch_size: int, eps: float, repeats: int) -> tuple[float, float]:
     """(slices per wall second, slices per process-CPU second), best of ``repeats``. CPU time is
     printed too because other jobs on a shared machine inflate wall time but hardly CPU time."""
-    settings = AttackSettings(steps_pgd=steps, steps_ifgsm=steps, batch_size=batch_size)
+    settings = AttackSettings(pgd_steps=steps, ifgsm_steps=steps, batch_size=batch_size)
     ev = Evaluator(model, data, settings, progress=False)
     ev.run(attack, eps, batches=ev.batches[:1])  # warm-up (allocator, first-call overheads)
     wall = cpu = float("inf")

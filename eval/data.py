@@ -120,6 +120,17 @@ def load_fold_cases(model, fold: str, cases: list[str] | None = None) -> list[Ca
     return out
 
 
+def check_label_values(cases: list[Case], num_classes: int, ignore_label: int | None, where: str) -> None:
+    """EvalError (before any attack) if a label map holds a value the model has no class for."""
+    for case in cases:
+        values = np.unique(case.label)
+        bad = [int(v) for v in values if not 0 <= v < num_classes and v != ignore_label]
+        if bad:
+            known = f"0..{num_classes - 1}" + ("" if ignore_label is None else f" and the ignore label {ignore_label}")
+            raise EvalError(f"{where}: case {case.name} has label value(s) {', '.join(map(str, bad))}; the model "
+                            f"knows {known} (its dataset.json labels)")
+
+
 def raw_case_files(images: Path, labels: Path, file_ending: str, num_channels: int) -> list[tuple[str, list, Path]]:
     """(case id, image files, label file) for nnU-Net's raw layout; EvalError on anything missing."""
     images, labels = Path(images), Path(labels)

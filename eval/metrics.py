@@ -24,6 +24,15 @@ the same rule applies to that one class: an undefined sample counts 1. Why count
 all: removing them would reward a model for hallucinating structures on blank slices less than for
 missing real ones, and the count of blank samples is reported (``n_empty``) so readers can judge how
 much of an ADI comes from them.
+
+ADI conventions (``--adi``): "project" is the rule above. "paper" is the authors' code
+(``getOnlineDiceMean`` in their nnU-Net v1 fork), which the paper's tables were computed with: per
+sample and foreground class 2TP / (2TP + FP + FN + 1e-8), so a class absent from truth and
+prediction scores 0, not 1; mean over classes, then over samples; samples whose ground truth has no
+foreground are skipped. (The authors skip a whole *batch* without foreground; batch composition is
+theirs, so this tool skips per sample, which does not depend on ``--batch-size``.) On datasets with
+classes absent from most slices the paper's ADI lies below the project's and below the TVDI. TVDI and
+3D Dice do not depend on the convention.
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from nnunet_ima.predicates import dice_from_counts
+from nnunet_ima.predicates import dice_from_counts, reduce_classes
 
 MEAN = "mean"  # the class name under which figures averaged over foreground classes are stored
 
@@ -45,15 +54,38 @@ def _dice(tp, fp, fn) -> np.ndarray:
 
 
 def _over_classes(d: np.ndarray) -> np.ndarray:
-    """Mean over the last axis of the defined entries; 1 where every entry is undefined."""
-    defined = ~np.isnan(d)
-    s = np.where(defined, d, 0.0).sum(-1)
-    n = defined.sum(-1)
-    return np.where(n > 0, s / np.maximum(n, 1), 1.0)
+    """The project's one rule (:func:`nnunet_ima.predicates.reduce_classes`): mean over the last axis
+    of the defined entries; 1 where every entry is undefined."""
+    return reduce_classes(torch.as_tensor(np.asarray(d, np.float64)), "mean").numpy()
 
 
 def _undefined_is_one(d: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(d), 1.0, d)
+
+
+ADI_CONVENTIONS = ("project", "paper")
+DEFAULT_ADI = "project"
+PAPER_SMOOTH = 1e-8  # the authors' getOnlineDiceMean: 2TP / (2TP + FP + FN + 1e-8)
+
+
+def check_convention(convention: str) -> str:
+    if convention not in ADI_CONVENTIONS:
+        raise ValueError(f"ADI convention must be one of {ADI_CONVENTIONS}, got {convention!r}")
+    return convention
+
+
+def paper_class_dice(tp, fp, fn) -> np.ndarray:
+    """The authors' per-sample, per-class Dice 2TP / (2TP + FP + FN + 1e-8): an absent class scores 0."""
+    tp, fp, fn = (np.asarray(a, np.float64) for a in (tp, fp, fn))
+    return 2 * tp / (2 * tp + fp + fn + PAPER_SMOOTH)
+
+
+def scored_samples(c: "Counts", convention: str = DEFAULT_ADI) -> np.ndarray:
+    """(N,) bool: the samples an ADI averages over. "project": all; "paper": those whose ground truth
+    has some foreground (the authors skip targets without foreground)."""
+    if check_convention(convention) == "project":
+        return np.ones(c.n, bool)
+    return ((c.tp + c.fn) > 0).any(1)
 
 
 @dataclass
@@ -80,6 +112,10 @@ class Counts:
     def n(self) -> int:
         return self.tp.shape[0]
 
+    def head(self, n: int) -> "Counts":
+        """The first ``n`` samples."""
+        return Counts(self.tp[:n], self.fp[:n], self.fn[:n], list(self.cases[:n]))
+
     def per_case(self) -> tuple[list, np.ndarray, np.ndarray, np.ndarray]:
         """Counts summed per case (order of first appearance): (case ids, tp, fp, fn)."""
         ids = list(dict.fromkeys(self.cases))
@@ -93,16 +129,34 @@ class Counts:
         return ids, *out
 
 
-def sample_dice(c: Counts) -> np.ndarray:
-    """Per-sample Dice over foreground classes (N,), with the empty-foreground rule."""
-    return _over_classes(_dice(c.tp, c.fp, c.fn))
+def sample_dice(c: Counts, convention: str = DEFAULT_ADI) -> np.ndarray:
+    """Per-sample Dice over foreground classes (N,). "project": the empty-foreground rule (undefined
+    classes left out, 1 if all undefined). "paper": the authors' mean over classes of
+    2TP/(2TP+FP+FN+1e-8) (absent class 0), NaN for samples without foreground in the ground truth
+    (skipped by their ADI)."""
+    if check_convention(convention) == "project":
+        return _over_classes(_dice(c.tp, c.fp, c.fn))
+    d = paper_class_dice(c.tp, c.fp, c.fn).mean(1) if c.tp.shape[1] else np.ones(c.n)
+    return np.where(scored_samples(c, "paper"), d, np.nan)
 
 
-def adi(c: Counts) -> dict:
-    """Average Dice Index per class (index k -> label k+1) and over classes (key ``MEAN``)."""
-    d = _dice(c.tp, c.fp, c.fn)
-    out = {k + 1: float(_undefined_is_one(d[:, k]).mean()) if c.n else float("nan") for k in range(d.shape[1])}
-    out[MEAN] = float(_over_classes(d).mean()) if c.n else float("nan")
+def adi(c: Counts, convention: str = DEFAULT_ADI) -> dict:
+    """Average Dice Index per class (index k -> label k+1) and over classes (key ``MEAN``).
+
+    "project": per class, an undefined sample counts 1; over classes, :func:`sample_dice`.
+    "paper" (the authors' ``getOnlineDiceMean``): only samples with foreground in the ground truth;
+    per class 2TP/(2TP+FP+FN+1e-8) (absent from truth and prediction: 0); over classes the mean of
+    those; NaN when no sample has foreground."""
+    if check_convention(convention) == "project":
+        d = _dice(c.tp, c.fp, c.fn)
+        out = {k + 1: float(_undefined_is_one(d[:, k]).mean()) if c.n else float("nan") for k in range(d.shape[1])}
+        out[MEAN] = float(_over_classes(d).mean()) if c.n else float("nan")
+        return out
+    keep = scored_samples(c, "paper")
+    d = paper_class_dice(c.tp[keep], c.fp[keep], c.fn[keep])
+    nan = float("nan")
+    out = {k + 1: float(d[:, k].mean()) if keep.any() else nan for k in range(d.shape[1])}
+    out[MEAN] = float(d.mean(1).mean()) if keep.any() else nan
     return out
 
 
@@ -124,12 +178,34 @@ def dice3d(c: Counts) -> tuple[dict, dict]:
     return out, per_case
 
 
-def summarize(c: Counts) -> dict:
+def summarize(c: Counts, convention: str = DEFAULT_ADI) -> dict:
     """All figures: {"adi": {cls: v}, "tvdi": {...}, "dice3d": {...}, "dice3d_per_case": {case: v},
-    "n_samples": N, "n_empty": {cls: samples with that class absent from the ground truth}}."""
+    "n_samples": N, "n_empty": {cls: samples with that class absent from the ground truth},
+    "adi_convention": convention}. Only the ADI depends on the convention."""
     d3, per_case = dice3d(c)
     gt_empty = (c.tp + c.fn) == 0
     n_empty = {k + 1: int(gt_empty[:, k].sum()) for k in range(c.tp.shape[1])}
     n_empty[MEAN] = int(gt_empty.all(1).sum())
-    return {"adi": adi(c), "tvdi": tvdi(c), "dice3d": d3, "dice3d_per_case": per_case,
-            "n_samples": c.n, "n_empty": n_empty}
+    return {"adi": adi(c, convention), "tvdi": tvdi(c), "dice3d": d3, "dice3d_per_case": per_case,
+            "n_samples": c.n, "n_empty": n_empty, "adi_convention": convention}
+
+
+def worst_counts(runs: list[Counts], convention: str = DEFAULT_ADI) -> tuple[Counts, np.ndarray]:
+    """AutoAttack's reporting: per sample, the counts of the attack with the lowest per-sample Dice.
+
+    ``runs``: counts of several attacks on the same samples (same order). Returns (counts, (N,) index
+    of the chosen attack; the first on ties). The Dice that decides is the convention's
+    (:func:`sample_dice`); for samples the paper's ADI skips, the project's per-sample Dice decides.
+    Every figure of the result (ADI, TVDI, 3D Dice) is computed from these counts."""
+    if not runs:
+        raise ValueError("worst: no attack results to take the minimum over")
+    n = runs[0].n
+    if any(r.n != n or r.cases != runs[0].cases for r in runs):
+        raise ValueError("worst: the attacks' results are not over the same samples")
+    scores = []
+    for r in runs:
+        s = sample_dice(r, convention)
+        scores.append(np.where(np.isnan(s), sample_dice(r, "project"), s))
+    choice = np.argmin(np.stack(scores), 0) if n else np.zeros(0, np.int64)
+    pick = (lambda name: np.stack([getattr(r, name) for r in runs])[choice, np.arange(n)])
+    return Counts(pick("tp"), pick("fp"), pick("fn"), list(runs[0].cases)), choice

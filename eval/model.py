@@ -3,11 +3,16 @@
 The model folder is nnU-Net's: ``$nnUNet_results/DatasetXXX/<trainer>__<plans>__<configuration>/fold_F/<checkpoint>``.
 The network is taken from :class:`nnUNetPredictor` (its prediction methods run under
 ``torch.inference_mode`` and cannot give gradients) and called directly, in eval mode.
+
+Any trainer nnU-Net can find works (stock ``nnUNetTrainer`` and its variants, this project's
+trainers, anything in ``nnUNet_extTrainer``). ``nnUNetPredictor`` loads the checkpoint with
+``torch.load(weights_only=False)``, so stock checkpoints, which hold numpy scalars (``_best_ema``,
+values in ``logging``), load as they are; the e2e tests attack a stock-trained model and rewrite
+its checkpoint through ``torch.save`` with those scalars.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import warnings
@@ -17,25 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_ima.losses import first
+
 from .errors import EvalError
 
 
-def ensure_trainer_search_path() -> str | None:
-    """Add ``nnunet_ima_trainers/ext`` to ``nnUNet_extTrainer`` (kept, not replaced) when that package
-    is installed, so checkpoints of nnUNetTrainerIMA / SAT find their trainer class. Returns the folder."""
-    try:
-        spec = importlib.util.find_spec("nnunet_ima_trainers")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "ext")
-    if not os.path.isdir(folder):
-        return None
-    parts = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if folder not in parts:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join(parts + [folder])
-    return folder
+def ensure_trainer_search_path() -> str:
+    """Let nnU-Net find the trainer classes of nnUNetTrainerIMA / SAT checkpoints: the one helper of
+    :mod:`nnunet_ima_trainers` (its ext folder first in ``nnUNet_extTrainer``, other folders kept).
+    Returns the new value."""
+    from nnunet_ima_trainers import register_ext_trainers
+
+    return register_ext_trainers()
 
 
 def dataset_name(dataset: str) -> str:
@@ -213,7 +211,7 @@ class PerSampleLoss(torch.nn.Module):
         self.mask: torch.Tensor | None = None
 
     def forward(self, output, y):
-        logits = output[0] if isinstance(output, (list, tuple)) else output
+        logits = first(output)
         t = y.long()
         keep = torch.ones_like(t, dtype=logits.dtype) if self.mask is None else self.mask.to(logits.dtype)
         if self.ignore_label is not None:

@@ -1,33 +1,46 @@
-"""Results on disk and on screen: results.csv / results.json, the papers' table, plots, examples.
+"""Results on disk and on screen: results.json / results.csv, the papers' table, plots, examples.
 
-``results.json`` = {"rows": [...], "per_case": [...], "checks": [...]}; ``results.csv`` holds the
-rows. One row per (model, attack, eps, class) with ADI, TVDI and per-case 3D Dice (class "mean" =
-over foreground classes). Both files are rewritten (atomically) after every finished
-(model, attack, eps), so an interrupted run loses at most the noise level in progress; a rerun
-skips rows whose settings match unless ``--overwrite``.
+``results.json`` = {"version", "runs", "rows", "per_case", "checks"}:
+
+* ``runs``: one entry per computed (model, attack, eps) with the settings that define it (``key``),
+  the fingerprints of what produced it (``inputs``: checkpoint, images, labels, code; see
+  :mod:`.provenance`), its time, and the file under ``samples/`` holding its per-sample TP/FP/FN
+  counts. A rerun reuses a run only when key and inputs are both the same; figures are always
+  recomputed from the counts, so changing ``--adi`` or adding ``worst`` needs no new attack.
+* ``rows`` (also ``results.csv``): one per (model, attack, eps, class) with ADI, TVDI and per-case 3D
+  Dice (class "mean" = over foreground classes), for the last run's selection plus the rows of models
+  it did not touch. ``attack`` "worst" = per sample the lowest Dice over the attacks at that eps.
+
+Files are rewritten atomically (fsync) after every finished (model, attack, eps), so an interrupted
+run loses at most the noise level in progress. A results file that cannot be read is renamed aside
+(``results.json.damaged``) and its rows recomputed; nothing is created before the first result.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .metrics import MEAN
+from nnunet_ima.plumbing import atomic_write, atomic_write_text, pyplot, to_plain
 
+from .metrics import MEAN, Counts
+
+RESULTS_VERSION = 2
 FIELDS = ["model", "attack", "eps", "class", "class_id", "adi", "tvdi", "dice3d", "n_samples", "n_empty",
-          "norm", "loss", "steps", "dataset", "configuration", "plans", "fold", "checkpoint", "source",
-          "max_samples", "seconds"]
-# settings that make two rows comparable: a rerun reuses a finished row only if all of these match
-KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "dataset", "configuration", "plans", "fold",
-              "checkpoint", "source", "max_samples"]
+          "adi_convention", "norm", "loss", "steps", "worst_of", "seed", "batch_size", "dataset", "configuration",
+          "plans", "fold", "checkpoint", "source", "max_samples", "seconds"]
+# settings that define a run (besides its inputs): a rerun reuses a finished run only if all of these match
+KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "seed", "batch_size", "dataset", "configuration",
+              "plans", "fold", "checkpoint", "source", "max_samples"]
 
 
-def row_key(row: dict) -> tuple:
-    return tuple(str(row.get(k)) for k in KEY_FIELDS)
+def row_key(row: dict) -> str:
+    return json.dumps([str(row.get(k)) for k in KEY_FIELDS])
 
 
 def make_rows(base: dict, summary: dict, class_names: dict, seconds: float) -> list[dict]:
@@ -37,61 +50,139 @@ def make_rows(base: dict, summary: dict, class_names: dict, seconds: float) -> l
         rows.append({**base, "class": class_names.get(cid, MEAN), "class_id": cid if cid != MEAN else "",
                      "adi": summary["adi"][cid], "tvdi": summary["tvdi"][cid], "dice3d": summary["dice3d"][cid],
                      "n_samples": summary["n_samples"], "n_empty": summary["n_empty"][cid],
-                     "seconds": round(seconds, 3)})
+                     "adi_convention": summary.get("adi_convention", ""), "seconds": round(seconds, 3)})
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _aside(path: Path, tag: str) -> Path:
+    """Rename ``path`` to ``path.<tag>`` (``.<tag>.1``, ... if taken); returns the new name."""
+    target, i = path.with_name(f"{path.name}.{tag}"), 0
+    while target.exists():
+        i += 1
+        target = path.with_name(f"{path.name}.{tag}.{i}")
+    path.rename(target)
+    return target
 
 
 class ResultStore:
-    """The output folder's results.json / results.csv, loaded on start and saved after every step."""
+    """The output folder's results: runs (with their per-sample counts), rows, checks.
+
+    Nothing is written (not even the folder) before the first :meth:`put` or :meth:`save`.
+    ``messages``: what loading had to say (a damaged or old results file set aside).
+    """
 
     def __init__(self, out: Path, overwrite: bool = False):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.json_path = self.out / "results.json"
+        self.runs: dict[str, dict] = {}
         self.rows, self.per_case, self.checks, self.checks_on_disk = [], [], [], []
+        self.messages: list[str] = []
         if self.json_path.is_file() and not overwrite:
+            self._load()
+
+    def _load(self) -> None:
+        try:
             data = json.loads(self.json_path.read_text())
-            self.rows, self.per_case = data.get("rows", []), data.get("per_case", [])
-            self.checks_on_disk = data.get("checks", [])
-        self.done = {row_key(r) for r in self.rows}
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as e:
+            moved = _aside(self.json_path, "damaged")
+            self.messages.append(f"{self.json_path} is damaged ({e.__class__.__name__}: {str(e)[:80]}); kept as "
+                                 f"{moved.name}, its results are recomputed")
+            return
+        if data.get("version") != RESULTS_VERSION or "runs" not in data:
+            moved = _aside(self.json_path, "old")
+            self.messages.append(f"{self.json_path} was written by an older version (no record of the checkpoint "
+                                 f"and data behind each row); kept as {moved.name}, its results are recomputed")
+            return
+        self.runs = {row_key(r["key"]): r for r in data["runs"]}
+        self.rows, self.per_case = data.get("rows", []), data.get("per_case", [])
+        self.checks_on_disk = data.get("checks", [])
 
-    def finished(self, base: dict) -> bool:
-        return row_key(base) in self.done
+    def lookup(self, key: dict, inputs: dict) -> tuple[Counts | None, str]:
+        """The stored counts of ``key`` if its inputs are ``inputs``; else (None, why it is computed)."""
+        run = self.runs.get(row_key(key))
+        if run is None:
+            return None, "new"
+        if run["inputs"] != inputs:
+            from .provenance import describe_changes
 
-    def add(self, rows: list[dict], per_case: list[dict]) -> None:
-        keys = {row_key(r) for r in rows}
-        self.rows = [r for r in self.rows if row_key(r) not in keys] + rows
-        self.per_case = [p for p in self.per_case if row_key(p) not in keys] + per_case
-        self.done |= keys
+            return None, describe_changes(run["inputs"], inputs)
+        path = self.out / run["samples"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return Counts(z["tp"], z["fp"], z["fn"], [str(c) for c in z["cases"]]), "reused"
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            if path.exists():
+                moved = _aside(path, "damaged")
+                return None, f"its per-sample file was unreadable ({e.__class__.__name__}; kept as {moved.name})"
+            return None, f"its per-sample file {run['samples']} is missing"
+
+    def run_of(self, key: dict) -> dict | None:
+        return self.runs.get(row_key(key))
+
+    def put(self, key: dict, inputs: dict, counts: Counts, seconds: float, classes: dict, extra: dict) -> None:
+        """Record a computed run: counts to ``samples/<id>.npz``, its entry to results.json."""
+        rid = hashlib.sha256(json.dumps([row_key(key), inputs], sort_keys=True).encode()).hexdigest()[:16]
+        rel = f"samples/{rid}.npz"
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, tp=counts.tp, fp=counts.fp, fn=counts.fn, cases=np.array(counts.cases, dtype=str))
+        with atomic_write(self.out / rel, "wb") as f:
+            f.write(buf.getvalue())
+        old = self.runs.get(row_key(key))
+        if old is not None and old["samples"] != rel and (self.out / old["samples"]).is_file():
+            (self.out / old["samples"]).unlink()
+        self.runs[row_key(key)] = {"key": key, "inputs": inputs, "samples": rel, "seconds": round(seconds, 3),
+                                   "classes": {str(k): v for k, v in classes.items()}, **extra}
         self.save()
 
-    def rows_of(self, base: dict) -> list[dict]:
-        k = row_key(base)
-        return [r for r in self.rows if row_key(r) == k]
-
     def save(self) -> None:
-        payload = {"rows": self.rows, "per_case": self.per_case, "checks": self.checks}
-        _atomic_write(self.json_path, json.dumps(payload, indent=1, default=_jsonable))
-        lines = [FIELDS]
-        lines += [[_fmt_csv(r.get(f)) for f in FIELDS] for r in self.rows]
-        tmp = self.out / "results.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(lines)
-        os.replace(tmp, self.out / "results.csv")
+        self.out.mkdir(parents=True, exist_ok=True)
+        payload = {"version": RESULTS_VERSION, "runs": list(self.runs.values()), "rows": self.rows,
+                   "per_case": self.per_case, "checks": self.checks}
+        atomic_write_text(self.json_path, json.dumps(to_plain(payload, for_json=True), indent=1))
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(FIELDS)
+        w.writerows([_fmt_csv(r.get(f)) for f in FIELDS] for r in self.rows)
+        atomic_write_text(self.out / "results.csv", out.getvalue())
 
 
-def _jsonable(v):
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    return str(v)
+def read_table(out_dir) -> list[dict]:
+    """The result rows of an ``nnunet-ima-attack`` output folder, typed, for other tools (the demo's verdict).
+
+    One dict per (model, attack, eps, class) with at least ``model`` (str), ``attack`` (str: "clean",
+    an attack name, or "worst"), ``eps`` (float), ``class`` (str; "mean" = over foreground classes),
+    ``adi``, ``tvdi``, ``dice3d`` (float, 0..1, NaN where undefined), plus every other column the
+    run wrote (norm, loss, steps, n_samples, adi_convention, ...). Read from ``results.json``; from
+    ``results.csv`` when the JSON is missing or unreadable; ``[]`` when the folder has neither.
+    """
+    out = Path(out_dir)
+    try:
+        rows = json.loads((out / "results.json").read_text()).get("rows", [])
+    except (OSError, ValueError, AttributeError):
+        rows = None
+    if rows is None:
+        if not (out / "results.csv").is_file():
+            return []
+        with open(out / "results.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    return [_typed(r) for r in rows]
+
+
+def _typed(row: dict) -> dict:
+    """A row with its numeric columns as numbers (CSV gives strings; JSON may hold NaN as null)."""
+    r = dict(row)
+    for k in ("eps", "adi", "tvdi", "dice3d", "seconds"):
+        if k in r:
+            v = r[k]
+            r[k] = float("nan") if v in (None, "", "nan") else float(v)
+    for k in ("steps", "n_samples"):
+        if k in r and r[k] not in (None, ""):
+            r[k] = int(float(r[k]))
+    r["model"], r["attack"], r["class"] = str(r["model"]), str(r["attack"]), str(r["class"])
+    return r
 
 
 def _fmt_csv(v):
@@ -101,33 +192,45 @@ def _fmt_csv(v):
 
 
 # ---------------------------------------------------------------------------------------------- table
+SHORT = {"pgd": "P.", "ifgsm": "IF.", "worst": "W."}  # the papers' column names (P. = PGD, IF. = IFGSM)
+
+
+def attack_order(rows: list[dict]) -> list[str]:
+    """Attacks in table order: the papers' PGD and IFGSM first, others as they appear, "worst" last."""
+    seen = list(dict.fromkeys(r["attack"] for r in rows if r["attack"] != "clean"))
+    first = [a for a in ("pgd", "ifgsm") if a in seen]
+    return first + [a for a in seen if a not in first and a != "worst"] + (["worst"] if "worst" in seen else [])
+
+
 def table(rows: list[dict], metric: str = "adi", cls: str = MEAN) -> str:
     """The papers' layout (Tables 6-8): rows = models, columns = clean ("S. Dice"), P. eps..., IF. eps...,
-    in percent with two decimals."""
+    then any other attack and the "worst" group (W. eps), in percent with two decimals."""
     sel = [r for r in rows if r["class"] == cls]
     models = list(dict.fromkeys(r["model"] for r in sel))
     cols = [("clean", 0.0)]
-    for attack in ("pgd", "ifgsm"):
+    for attack in attack_order(sel):
         cols += [(attack, e) for e in sorted({float(r["eps"]) for r in sel if r["attack"] == attack})]
-    names = ["S. Dice" if a == "clean" else f"{'P.' if a == 'pgd' else 'IF.'} {e:g}" for a, e in cols]
+    names = ["S. Dice" if a == "clean" else f"{SHORT.get(a, a)} {e:g}" for a, e in cols]
     lookup = {(r["model"], r["attack"], float(r["eps"])): r[metric] for r in sel}
     width = max([len("Methods")] + [len(m) for m in models])
-    head = "Methods".ljust(width) + "".join(f"  {n:>8}" for n in names)
-    lines = [f"{metric.upper()} (%), class {cls}", head]
+    cw = max([8] + [len(n) for n in names])
+    head = "Methods".ljust(width) + "".join(f"  {n:>{cw}}" for n in names)
+    conv = {r.get("adi_convention") for r in sel if r.get("adi_convention")}
+    note = f" ({'/'.join(sorted(conv))} convention)" if metric == "adi" and conv else ""
+    lines = [f"{metric.upper()} (%), class {cls}{note}", head]
     for m in models:
         vals = [lookup.get((m, a, e)) for a, e in cols]
-        lines.append(m.ljust(width) + "".join(f"  {'-' if v is None else f'{100 * v:.2f}':>8}" for v in vals))
+        lines.append(m.ljust(width) + "".join(f"  {'-' if v is None else f'{100 * v:.2f}':>{cw}}" for v in vals))
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- plot
+STYLES = ["-o", "--s", "-.^", ":v", "-D", "--x", "-.+"]
+
+
 def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
     """ADI and TVDI (and 3D Dice) against eps, one line per model and attack (eps 0 = clean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     sel = [r for r in rows if r["class"] == cls]
     metrics = [("adi", "ADI"), ("tvdi", "TVDI"), ("dice3d", "per-case 3D Dice")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -136,14 +239,15 @@ def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
     for ax, (key, title) in zip(axes[0], metrics):
         for m in models:
             clean = [r for r in sel if r["model"] == m and r["attack"] == "clean"]
-            for attack, style in (("pgd", "-o"), ("ifgsm", "--s")):
+            for i, attack in enumerate(attack_order(sel)):
+                style = "-*" if attack == "worst" else STYLES[i % len(STYLES)]
                 pts = sorted((float(r["eps"]), r[key]) for r in sel if r["model"] == m and r["attack"] == attack)
                 if not pts:
                     continue
                 if clean and not any(e == 0 for e, _ in pts):
                     pts = [(0.0, clean[0][key])] + pts
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colors[m],
-                        label=f"{m} {attack.upper()}")
+                        label=f"{m} {attack.upper()}", linewidth=2.5 if attack == "worst" else 1.2)
         ax.set_xlabel("eps (noise level)")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title)
@@ -161,10 +265,8 @@ def save_examples(folder: Path, examples: list, spacing=None) -> list[Path]:
     """For each example: NIfTI files (clean image, adversarial image, perturbation, label, clean and
     adversarial prediction; preprocessed space, channel 0) and a PNG overlay to look at."""
     import SimpleITK as sitk
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,11 @@
 """Attack every sample of every test case and count TP / FP / FN, for each model x attack x eps.
 
 Data and model are loaded once per model; batches are built once and reused by every attack and
-noise level. The attacks are the kernel's (:func:`nnunet_ima.attacks.pgd` with a random start,
-:func:`nnunet_ima.attacks.ifgsm` without), run in the network's input space (nnU-Net's z-scored,
-preprocessed images: eps is the L2 (or Linf) norm of the perturbation of one whole sample).
+noise level. The attacks are the kernel's registry (:data:`nnunet_ima.seg_attacks.SEG_ATTACKS`: PGD
+with a random start, IFGSM without, SegPGD, CosPGD, APGD with several objectives), run in the
+network's input space (nnU-Net's z-scored, preprocessed images: eps is the L2 (or Linf) norm of the
+perturbation of one whole sample). Until that registry is installed, PGD and IFGSM come from
+:mod:`nnunet_ima.attacks`.
 """
 from __future__ import annotations
 
@@ -15,15 +17,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_ima.attacks import ifgsm, pgd
+from nnunet_ima import seg_attacks
+from nnunet_ima.losses import first
 from nnunet_ima.predicates import tp_fp_fn
 
 from .data import Batch, Case, SampleRef, make_batches, sample_refs
-from .metrics import Counts, sample_dice, summarize
+from .metrics import DEFAULT_ADI, Counts, sample_dice, summarize
 from .model import LoadedModel, attack_loss
 
-ATTACKS = ("pgd", "ifgsm")
 CLEAN = "clean"
+WORST = "worst"  # not an attack: per sample, the lowest Dice over the attacks run at that eps
+PAPER_ATTACKS = ("pgd", "ifgsm")
+# Croce, Singh & Hein (ECCV 2024) style ensemble: APGD on three objectives, SegPGD, CosPGD; PGD kept
+# so the paper's figure stands beside the strong one; "worst" takes each sample at its lowest Dice.
+STRONG_APGD_STEPS = 300  # --suite strong: the masked losses need many iterations (SEA runs APGD for hundreds)
+SUITES = {"paper": [*PAPER_ATTACKS], "strong": ["pgd", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js", WORST]}
+
+
+def attack_registry() -> dict:
+    """{name: fn(model, x, y, eps, *, norm, steps, loss=None, generator=None) -> x_adv}: the kernel's
+    :data:`nnunet_ima.seg_attacks.SEG_ATTACKS`."""
+    return dict(seg_attacks.SEG_ATTACKS)
+
+
+def sanity_tools() -> dict:
+    """The kernel's gradient-free baselines for the sanity checks: ``random_noise``, ``random_search``."""
+    return {"random_noise": seg_attacks.random_noise, "random_search": seg_attacks.random_search}
 
 
 @dataclass
@@ -33,13 +52,20 @@ class AttackSettings:
 
     norm: str = "l2"          # "l2" or "linf"
     loss: str = "dicece"      # "dicece" (the trainer's DC_and_CE_loss, per sample) or "ce"
-    steps_pgd: int = 100      # PGD iterations (random start in the eps-ball)
-    steps_ifgsm: int = 10     # IFGSM iterations (no random start)
+    pgd_steps: int = 100      # PGD iterations (random start in the eps-ball)
+    ifgsm_steps: int = 10     # IFGSM iterations (no random start)
+    steps_other: int = 100    # iterations of SegPGD, CosPGD and any other attack
+    apgd_steps: int = 100     # iterations of APGD (apgd, apgd-mce, apgd-bmce, apgd-js)
     batch_size: int = 32      # samples per forward/backward
-    seed: int = 0             # seeds PGD's random start
+    seed: int = 0             # seeds random starts (one generator per (attack, eps) run)
+    convention: str = DEFAULT_ADI  # ADI convention of the sanity checks' figures
 
     def steps(self, attack: str) -> int:
-        return {"pgd": self.steps_pgd, "ifgsm": self.steps_ifgsm}.get(attack, 0)
+        if attack in (CLEAN, WORST):
+            return 0
+        if attack.startswith("apgd"):
+            return self.apgd_steps
+        return {"pgd": self.pgd_steps, "ifgsm": self.ifgsm_steps}.get(attack, self.steps_other)
 
 
 class MaskedInput(torch.nn.Module):
@@ -86,7 +112,7 @@ class Evaluation:
 class Evaluator:
     """Evaluate one loaded model on fixed cases.
 
-    >>> ev = Evaluator(model, cases, AttackSettings(steps_pgd=10))
+    >>> ev = Evaluator(model, cases, AttackSettings(pgd_steps=10))
     >>> clean = ev.run("clean", 0.0)
     >>> adv = ev.run("pgd", 2.0)
     >>> adv.summary["adi"]["mean"]
@@ -105,17 +131,19 @@ class Evaluator:
         self.attacked = MaskedInput(model.network).eval()
         self.loss = attack_loss(model, settings.loss)
         self.ignore_label = model.label_manager.ignore_label
+        self.registry = attack_registry()
 
-    def _attack(self, attack: str, b: Batch, eps: float, steps: int | None, gen) -> torch.Tensor:
+    def _attack(self, attack: str, b: Batch, eps: float, steps: int | None, gen, custom=None) -> torch.Tensor:
         s = self.settings
         n = s.steps(attack) if steps is None else steps
-        if attack == CLEAN:
+        if custom is not None:
+            return custom(b, eps, gen)
+        if attack == CLEAN or eps == 0:  # the 0-ball holds x alone: every attack returns x, so skip its steps
             return b.x
-        if attack == "pgd":
-            return pgd(self.attacked, b.x, b.y, eps, norm=s.norm, steps=n, loss=self.loss, generator=gen)
-        if attack == "ifgsm":
-            return ifgsm(self.attacked, b.x, b.y, eps, norm=s.norm, steps=n, loss=self.loss)
-        raise ValueError(f"unknown attack {attack!r}")
+        if attack not in self.registry:
+            raise ValueError(f"unknown attack {attack!r}; known: {', '.join(self.registry)}")
+        return self.registry[attack](self.attacked, b.x, b.y, eps, norm=s.norm, steps=n, loss=self.loss,
+                                     generator=gen)
 
     def counts_of(self, b: Batch, x: torch.Tensor):
         """Predict ``x`` (a batch's clean or adversarial input): (pred (B, *S), tp, fp, fn) of foreground."""
@@ -130,8 +158,9 @@ class Evaluator:
         return pred, tp[:, 1:].cpu().numpy(), fp[:, 1:].cpu().numpy(), fn[:, 1:].cpu().numpy()
 
     def run(self, attack: str, eps: float, *, steps: int | None = None, batches: list[Batch] | None = None,
-            keep: set | None = None) -> Evaluation:
-        """Attack every batch (or ``batches``) at ``eps``; ``keep``: sample refs to return as examples."""
+            keep: set | None = None, custom=None) -> Evaluation:
+        """Attack every batch (or ``batches``) at ``eps``; ``keep``: sample refs to return as examples;
+        ``custom(batch, eps, generator) -> x_adv`` replaces the named attack (sanity checks)."""
         dev = self.model.device
         gen = torch.Generator(device=dev).manual_seed(self.settings.seed)
         counts = Counts.empty(self.model.num_classes - 1)
@@ -144,7 +173,7 @@ class Evaluator:
             b = b.to(dev)
             self.attacked.mask = b.mask
             self.loss.mask = b.mask
-            x_adv = self._attack(attack, b, eps, steps, gen)
+            x_adv = self._attack(attack, b, eps, steps, gen, custom)
             pred, tp, fp, fn = self.counts_of(b, x_adv)
             counts.add(tp, fp, fn, [self.cases[r.case].name for r in b.refs])
             if keep:
@@ -185,11 +214,72 @@ class Evaluator:
         c = clean.summary["adi"]["mean"]
         ok = v <= threshold
         return check(self.model.label, "large_eps_near_zero", ok,
-                     f"IFGSM-{self.settings.steps_ifgsm} at eps={eps:g} on {ev.counts.n} samples: ADI {v:.3f} "
+                     f"IFGSM-{self.settings.ifgsm_steps} at eps={eps:g} on {ev.counts.n} samples: ADI {v:.3f} "
                      f"(clean {c:.3f})" + ("" if ok else
                                           f"; above {threshold}: expected for a standard model to fall near 0 - "
                                           f"a robust model may legitimately stay higher, otherwise the attack is weak or "
                                           f"the gradient is masked"))
+
+    # ------------------------------------------------ sanity checks of attack strength (AutoAttack's)
+    def _subset(self, n_batches: int) -> tuple[list[Batch], int]:
+        sub = self.batches[:n_batches]
+        return sub, sum(len(b.refs) for b in sub)
+
+    def _adi(self, counts: Counts) -> float:
+        from .metrics import adi
+
+        return adi(counts, self.settings.convention)["mean"]
+
+    def check_more_steps(self, attack: str, eps: float, reported: Counts, factor: int = 5, n_batches: int = 1,
+                         tol: float = 0.03) -> dict:
+        """``factor`` x the steps on the first batches must not give a clearly lower ADI than reported."""
+        sub, n = self._subset(n_batches)
+        steps = factor * self.settings.steps(attack)
+        more = self.run(attack, eps, steps=steps, batches=sub)
+        a, b = self._adi(reported.head(n)), self._adi(more.counts)
+        ok = not b < a - tol
+        return check(self.model.label, f"more_steps[{attack}]", ok,
+                     f"{attack} eps={eps:g} on {n} samples: ADI {a:.3f} with {self.settings.steps(attack)} steps, "
+                     f"{b:.3f} with {steps}" + ("" if ok else f"; more than {tol} lower: too few steps, the reported "
+                                                             f"figures overstate robustness (raise the step count)"))
+
+    def check_noise(self, eps: float, whitebox: Counts, n_batches: int = 1, tol: float = 0.03) -> dict:
+        """Random noise of the same norm must not lower the ADI more than the white-box attacks."""
+        tools = sanity_tools()
+        sub, n = self._subset(n_batches)
+        fn = (lambda b, e, gen: tools["random_noise"](self.attacked, b.x, b.y, e, norm=self.settings.norm,
+                                                      generator=gen))
+        noise = self.run("noise", eps, batches=sub, custom=fn)
+        a, b = self._adi(whitebox.head(n)), self._adi(noise.counts)
+        ok = not b < a - tol
+        return check(self.model.label, "noise_weaker", ok,
+                     f"eps={eps:g} on {n} samples: ADI {b:.3f} under random noise, {a:.3f} under the white-box attacks"
+                     + ("" if ok else "; noise is stronger: the gradient is masked or the attack is broken"))
+
+    def check_gradient_free(self, eps: float, whitebox: Counts, queries: int = 100, n_batches: int = 1,
+                            tol: float = 0.03) -> dict:
+        """A gradient-free random search must not find lower Dice than the white-box attacks."""
+        tools = sanity_tools()
+        sub, n = self._subset(n_batches)
+
+        def fn(b, e, gen):
+            def score(output, y):  # maximised by the search: minus the per-sample Dice, padding left out
+                pred = first(output)
+                gt = y.reshape(pred.shape[:1] + pred.shape[2:])
+                ignore = b.pad if self.ignore_label is None else b.pad | (gt == self.ignore_label)
+                tp, fp, fn_ = tp_fp_fn(pred.argmax(1), gt, self.model.num_classes, ignore)
+                d = sample_dice(Counts(tp[:, 1:].cpu().numpy(), fp[:, 1:].cpu().numpy(), fn_[:, 1:].cpu().numpy()))
+                return -torch.as_tensor(d, device=pred.device, dtype=pred.dtype)
+            return tools["random_search"](self.attacked, b.x, b.y, e, norm=self.settings.norm, queries=queries,
+                                          score=score, generator=gen)
+
+        found = self.run("random_search", eps, batches=sub, custom=fn)
+        a, b = self._adi(whitebox.head(n)), self._adi(found.counts)
+        ok = not b < a - tol
+        return check(self.model.label, "gradient_free_weaker", ok,
+                     f"eps={eps:g} on {n} samples: ADI {b:.3f} under random search ({queries} queries), {a:.3f} under "
+                     f"the white-box attacks" + ("" if ok else "; the blind search wins: gradient masking (obfuscated "
+                                                               "gradients); the white-box figures overstate robustness"))
 
 
 def check(model: str, name: str, ok: bool, message: str) -> dict:

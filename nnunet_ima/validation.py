@@ -27,7 +27,7 @@ def on_finite_rows(fn, x: torch.Tensor, valid: torch.Tensor, *batched):
 
 
 def batch_size(y) -> int:
-    return batch_size(y[0]) if isinstance(y, (list, tuple)) else y.shape[0]
+    return batch_size(y[0]) if isinstance(y, (list, tuple)) else y.shape[0]  # deep supervision: scale 0
 
 
 def check_inputs(x: torch.Tensor, y, eps) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,7 +42,10 @@ def attack(args: list[str]) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(args)
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -56,6 +59,7 @@ def env(tiny_trained_2d):
 
 
 def common(env, out) -> list[str]:
+    """Options every run here shares; ``out`` is the output folder."""
     return ["-d", str(TINY_ID), "-c", "2d", "-f", "0", "-tr", EVAL_TRAINER, "-o", str(out), "--quiet",
             "--batch-size", "16"]
 
@@ -64,7 +68,7 @@ def common(env, out) -> list[str]:
 def e2e(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("attack")
     args = common(env, out) + ["-i", str(env.raw / "imagesTs"), "-l", str(env.raw / "labelsTs"),
-                               "--eps", "0", str(LARGE_EPS), "--attacks", "pgd", "--steps-pgd", "5",
+                               "--eps", "0", str(LARGE_EPS), "--attacks", "pgd", "ifgsm", "worst", "--pgd-steps", "5",
                                "--steps-ifgsm", "3", "--save-examples", "1"]
     rc, stdout, stderr = attack(args)
     assert rc == 0, stderr
@@ -81,14 +85,19 @@ def test_command_runs_and_writes_everything(e2e):
     for f in ("results.csv", "results.json", "robustness.png"):
         assert (out / f).is_file()
     assert "S. Dice" in stdout and "P. 40" in stdout and EVAL_TRAINER in stdout
-    # one row per (model, attack, eps, class): clean + 2 PGD noise levels, classes outer, core, mean
-    assert len(results["rows"]) == 3 * 3
+    # one row per (model, attack, eps, class): clean + 2 noise levels x (PGD, IFGSM, worst); outer, core, mean
+    assert len(results["rows"]) == 7 * 3
     assert {r["class"] for r in results["rows"]} == {"outer", "core", "mean"}
     assert all(r["n_samples"] == 16 for r in results["rows"])  # 2 test cases x 8 slices
     checks = {c["check"]: c["status"] for c in results["checks"]}
     assert checks["eps0_equals_clean[pgd]"] == "ok"
     assert checks["large_eps_near_zero"] == "ok"
     assert checks["non_increasing[pgd]"] == "ok"
+    for name in ("more_steps[pgd]", "more_steps[ifgsm]"):
+        assert checks.get(name, "ok") == "ok"
+    assert any(c.startswith("more_steps[") for c in checks)
+    assert checks["noise_weaker"] == "ok" and checks["gradient_free_weaker"] == "ok"
+    assert "W. 40" in stdout and "ADI convention: project" in stdout
     pngs = list((out / "examples" / EVAL_TRAINER).rglob("*.png"))
     niis = list((out / "examples" / EVAL_TRAINER).rglob("*_adversarial.nii.gz"))
     assert pngs and niis
@@ -130,15 +139,15 @@ def test_pgd_at_large_eps_is_far_below_clean(e2e):
 
 def test_rerun_skips_finished_rows(e2e, monkeypatch):
     out, args, _, results = e2e
-    import nnunet_ima_eval.model as model_module
+    import nnunet_ima_eval.pipeline as pipeline
 
     def no_load(*a, **k):
         raise AssertionError("a rerun must not load the model")
 
-    monkeypatch.setattr(model_module, "load_model", no_load)
+    monkeypatch.setattr(pipeline, "load_model", no_load)
     rc, stdout, stderr = attack(args)
     assert rc == 0, stderr
-    assert "already in" in stdout
+    assert "already in" in stdout and "recomputing" not in stdout
     again = json.loads((out / "results.json").read_text())
     assert again["rows"] == results["rows"]
 
@@ -165,7 +174,26 @@ def _mismatched_labels(env, tmp_path):
     return ["-i", str(images), "-l", str(labels)]
 
 
+def _label_7(env, tmp_path):
+    """A label file with a value the 3-class model does not know (issue 12)."""
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    shutil.copytree(env.raw / "imagesTs", images), shutil.copytree(env.raw / "labelsTs", labels)
+    img = sitk.ReadImage(str(labels / "case_007.nii.gz"))
+    a = sitk.GetArrayFromImage(img)
+    a[0, 0, 0] = 7
+    out = sitk.GetImageFromArray(a)
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(labels / "case_007.nii.gz"))
+    return ["-i", str(images), "-l", str(labels)]
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"--attacks": "foo"}, "--attacks: unknown foo"),
+    ({"--norm": "l3"}, "argument --norm: invalid choice: 'l3'"),
+    ({"--adi": "authors"}, "argument --adi: invalid choice: 'authors'"),
+    ({"--pgd-steps": "0"}, "--pgd-steps must be >= 1"),
+    ("o_is_file", "is a file"),
+    ("label_7", "has label value(s) 7; the model knows 0..2"),
     ({"-d": "977"}, "unknown dataset '977'"),
     ({"-tr": "nnUNetTrainerNope"}, "unknown trainer 'nnUNetTrainerNope'"),
     ({"-f": "3"}, "unknown fold '3'"),
@@ -174,9 +202,13 @@ def _mismatched_labels(env, tmp_path):
     ("labels", "label shape (8, 32, 30) does not match image shape (8, 32, 32)"),
 ])
 def test_bad_input_gives_one_clear_message(env, tmp_path, change, message):
-    args = common(env, tmp_path) + ["--eps", "1", "--attacks", "ifgsm", "--steps-ifgsm", "1", "--no-sanity"]
+    args = common(env, tmp_path / "out") + ["--eps", "1", "--attacks", "ifgsm", "--steps-ifgsm", "1", "--no-sanity"]
     if change == "labels":
         args += _mismatched_labels(env, tmp_path)
+    elif change == "label_7":
+        args += _label_7(env, tmp_path)
+    elif change == "o_is_file":
+        (tmp_path / "out").write_text("mine")
     else:
         for k, v in change.items():
             if k in args:
@@ -188,4 +220,87 @@ def test_bad_input_gives_one_clear_message(env, tmp_path, change, message):
     assert "Traceback" not in stderr + stdout
     err = [line for line in stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("nnunet-ima-attack: error: ") and message in err[0], stderr
-    assert not (tmp_path / "results.json").exists() or change == "labels"
+    if change == "o_is_file":
+        assert (tmp_path / "out").read_text() == "mine"
+    else:
+        assert not (tmp_path / "out").exists()  # checked before anything is created
+
+
+# --------------------------------------------------------------------------------------- worst case
+def test_worst_is_the_per_sample_minimum_of_the_attacks(e2e):
+    """The "worst" row = per sample the lowest Dice over PGD and IFGSM at that eps (AutoAttack's
+    reporting), recomputed here by hand from the stored per-sample counts."""
+    from nnunet_ima.predicates import dice_from_counts, reduce_classes
+    import torch
+
+    out, _, _, results = e2e
+    per_sample = {}
+    for run in results["runs"]:
+        k = run["key"]
+        if k["eps"] == LARGE_EPS and k["attack"] in ("pgd", "ifgsm"):
+            z = np.load(out / run["samples"])
+            d = dice_from_counts(*(torch.as_tensor(z[n]) for n in ("tp", "fp", "fn")))
+            per_sample[k["attack"]] = reduce_classes(d).numpy()
+    assert set(per_sample) == {"pgd", "ifgsm"}
+    worst = rows(results, "worst", LARGE_EPS)[0]
+    assert worst["worst_of"] == "pgd,ifgsm"
+    assert worst["adi"] == pytest.approx(np.minimum(per_sample["pgd"], per_sample["ifgsm"]).mean())
+    assert worst["adi"] <= min(rows(results, a, LARGE_EPS)[0]["adi"] for a in ("pgd", "ifgsm"))
+
+
+# --------------------------------------------------------------------------------------- reuse (issue 12)
+def _fast(env, out, images, labels) -> list[str]:
+    return common(env, out) + ["-i", str(images), "-l", str(labels), "--eps", "1", "--attacks", "ifgsm",
+                               "--ifgsm-steps", "1", "--no-sanity"]
+
+
+def _clean_adi(out) -> float:
+    return rows(json.loads((out / "results.json").read_text()), "clean")[0]["adi"]
+
+
+def test_rerun_recomputes_exactly_what_changed(env, tmp_path, monkeypatch):
+    """A result is reused only with the same checkpoint, labels and settings; else recomputed, saying why."""
+    import torch
+
+    images, labels, labels2 = tmp_path / "img", tmp_path / "lab", tmp_path / "lab2"
+    shutil.copytree(env.raw / "imagesTs", images), shutil.copytree(env.raw / "labelsTs", labels)
+    shutil.copytree(labels, labels2)
+    results_root = tmp_path / "results"
+    model_dir = f"{EVAL_TRAINER}__nnUNetPlans__2d"
+    shutil.copytree(env.results / env.dataset_name / model_dir, results_root / env.dataset_name / model_dir)
+    monkeypatch.setenv("nnUNet_results", str(results_root))
+    out = tmp_path / "out"
+    rc, stdout, stderr = attack(_fast(env, out, images, labels))
+    assert rc == 0, stderr
+    base = _clean_adi(out)
+    rc, stdout, _ = attack(_fast(env, out, images, labels))          # unchanged: nothing recomputed
+    assert rc == 0 and "already in" in stdout and "recomputing" not in stdout
+    assert base > 0.2
+    # one label file changed in place (case_006 blanked): every row of the model recomputed, numbers change
+    lab = sitk.ReadImage(str(labels / "case_006.nii.gz"))
+    blank = sitk.GetImageFromArray(np.zeros_like(sitk.GetArrayFromImage(lab)))
+    blank.CopyInformation(lab)
+    sitk.WriteImage(blank, str(labels / "case_006.nii.gz"))
+    rc, stdout, _ = attack(_fast(env, out, images, labels))
+    assert rc == 0 and "recomputing clean eps=0: the labels changed" in stdout
+    assert "recomputing ifgsm eps=1: the labels changed" in stdout and _clean_adi(out) != pytest.approx(base)
+    # -l names another folder (the original labels): recomputed again, back to the first numbers
+    rc, stdout, _ = attack(_fast(env, out, images, labels2))
+    assert rc == 0 and "the labels changed" in stdout and _clean_adi(out) == pytest.approx(base)
+    # the checkpoint changed (stock nnU-Net checkpoint with numpy scalars, loaded and saved whole)
+    ckpt_path = results_root / env.dataset_name / model_dir / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for k in [k for k in ckpt["network_weights"] if "seg_layers" in k]:
+        ckpt["network_weights"][k] = -ckpt["network_weights"][k]
+    torch.save(ckpt, ckpt_path)
+    rc, stdout, _ = attack(_fast(env, out, images, labels2))
+    assert rc == 0 and "recomputing clean eps=0: the checkpoint changed" in stdout
+    assert _clean_adi(out) != pytest.approx(base)
+    # a truncated results file: set aside with a message, everything recomputed
+    text = (out / "results.json").read_text()
+    (out / "results.json").write_text(text[: len(text) // 2])
+    rc, stdout, stderr = attack(_fast(env, out, images, labels2))
+    assert rc == 0, stderr
+    assert "results.json is damaged" in stdout and "kept as results.json.damaged" in stdout
+    assert (out / "results.json.damaged").read_text() == text[: len(text) // 2]
+    assert len(rows(json.loads((out / "results.json").read_text()), "ifgsm")) == 1

@@ -81,3 +81,45 @@ def test_nnunet_counts_agree():
         for i in range(4):
             ntp, nfp, nfn, _ = compute_tp_fp_fn_tn(gt[i] == k, pred[i] == k)
             assert (tp[i, k], fp[i, k], fn[i, k]) == (ntp, nfp, nfn)
+
+
+def test_adi_conventions_hand_counted():
+    """--adi project (absent class left out, blank predicted blank = 1) vs --adi paper (the authors'
+    getOnlineDiceMean: 2TP/(2TP+FP+FN+1e-8), absent class 0, samples without foreground skipped)."""
+    c = counts(tp=[[4, 0], [0, 0], [0, 0], [2, 1]],
+               fp=[[0, 0], [3, 0], [0, 0], [0, 1]],
+               fn=[[4, 0], [0, 0], [0, 0], [0, 0]], cases="abcd")
+    # s0: class 2 absent from truth and prediction; s1: no foreground in truth, false positives;
+    # s2: blank slice predicted blank; s3: both classes present
+    e = 1e-8
+    p0 = (8 / (12 + e) + 0.0) / 2                     # paper: the absent class scores 0
+    p3 = (4 / (4 + e) + 2 / (3 + e)) / 2
+    paper = M.adi(c, "paper")
+    assert paper["mean"] == pytest.approx((p0 + p3) / 2, abs=1e-12)   # s1 and s2 skipped
+    assert paper[1] == pytest.approx((8 / 12 + 1) / 2) and paper[2] == pytest.approx((0 + 2 / 3) / 2)
+    project = M.adi(c, "project")
+    assert project["mean"] == pytest.approx((8 / 12 + 0.0 + 1.0 + (1 + 2 / 3) / 2) / 4)
+    assert project[2] == pytest.approx((1 + 1 + 1 + 2 / 3) / 4)        # undefined counts 1 per class
+    np.testing.assert_allclose(M.sample_dice(c, "paper"), [p0, np.nan, np.nan, p3], rtol=1e-12)
+    # TVDI and 3D Dice do not depend on the convention
+    s_paper, s_project = M.summarize(c, "paper"), M.summarize(c, "project")
+    assert s_paper["tvdi"] == s_project["tvdi"] and s_paper["dice3d"] == s_project["dice3d"]
+    assert s_paper["adi_convention"] == "paper"
+    # no sample with foreground at all: the paper's ADI is undefined, the project's is 1
+    blank = counts([[0]], [[0]], [[0]], "a")
+    assert math.isnan(M.adi(blank, "paper")["mean"]) and M.adi(blank, "project")["mean"] == 1.0
+    with pytest.raises(ValueError, match="convention"):
+        M.adi(c, "authors")
+
+
+def test_worst_is_the_per_sample_minimum_over_attacks():
+    a = counts(tp=[[4], [0], [2]], fp=[[0], [0], [2]], fn=[[0], [3], [2]], cases="xxy")  # Dice 1, 0, 1/2
+    b = counts(tp=[[2], [1], [3]], fp=[[0], [0], [0]], fn=[[2], [0], [1]], cases="xxy")  # Dice 2/3, 1, 6/7
+    w, choice = M.worst_counts([a, b])
+    assert choice.tolist() == [1, 0, 0]
+    np.testing.assert_allclose(M.sample_dice(w), [2 / 3, 0.0, 0.5])
+    assert M.adi(w)["mean"] == pytest.approx((2 / 3 + 0 + 0.5) / 3)
+    assert M.adi(w)["mean"] <= min(M.adi(a)["mean"], M.adi(b)["mean"])
+    assert M.tvdi(w)["mean"] == pytest.approx(2 * 4 / (2 * 4 + 2 + 7))   # pooled counts of the chosen samples
+    with pytest.raises(ValueError, match="same samples"):
+        M.worst_counts([a, counts([[1]], [[0]], [[0]], "x")])

@@ -86,8 +86,8 @@ def test_batched_equals_one_at_a_time_and_padding_is_inert(loss):
     img = (lab * 1.5 + rng.normal(scale=0.5, size=lab.shape)).astype(np.float32)[None]
     cases = [Case("c", img, lab)]
     model = stub_model(TinyNet())
-    one = Evaluator(model, cases, AttackSettings(loss=loss, batch_size=1, steps_ifgsm=3), progress=False)
-    many = Evaluator(model, cases, AttackSettings(loss=loss, batch_size=4, steps_ifgsm=3), progress=False)
+    one = Evaluator(model, cases, AttackSettings(loss=loss, batch_size=1, ifgsm_steps=3), progress=False)
+    many = Evaluator(model, cases, AttackSettings(loss=loss, batch_size=4, ifgsm_steps=3), progress=False)
     assert len(one.batches) == 4 and len(many.batches) == 1
     clean = many.run("clean", 0.0)
     assert clean.counts.tp.sum() + clean.counts.fp.sum() + clean.counts.fn.sum() > 0
@@ -120,13 +120,24 @@ def test_monotonicity_check_and_table_layout(tmp_path):
     t = table(rows, "adi").splitlines()
     assert t[1].split() == ["Methods", "S.", "Dice", "P.", "2", "P.", "6", "IF.", "2"]
     assert t[2].split() == ["STD", "80.00", "50.00", "60.00", "70.00"]
-    store = ResultStore(tmp_path)
-    store.add(rows, [])
-    again = ResultStore(tmp_path)
-    assert again.finished({**base, "attack": "pgd", "eps": 2.0, "steps": 1})
-    assert not again.finished({**base, "attack": "pgd", "eps": 2.0, "steps": 100})
-    assert not ResultStore(tmp_path, overwrite=True).finished({**base, "attack": "pgd", "eps": 2.0, "steps": 1})
-    assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("model,attack,eps,class")
+    # the store: a run is reused only with the same settings AND the same inputs; nothing created before a result
+    out = tmp_path / "out"
+    inputs = {"checkpoint": "c1", "images": "i1", "labels": "l1", "code": "2"}
+    key = {**base, "attack": "pgd", "eps": 2.0, "steps": 1, "seed": 0, "batch_size": 4}
+    c = M.Counts(np.array([[1], [2]]), np.array([[0], [1]]), np.array([[1], [0]]), ["a", "b"])
+    store = ResultStore(out)
+    assert not out.exists()
+    store.put(key, inputs, c, 0.1, {1: "fg"}, {})
+    again = ResultStore(out)
+    got, why = again.lookup(key, inputs)
+    assert why == "reused" and got.tp.tolist() == [[1], [2]] and got.cases == ["a", "b"]
+    assert again.lookup({**key, "steps": 100}, inputs) == (None, "new")
+    assert again.lookup(key, {**inputs, "checkpoint": "c2"}) == (None, "the checkpoint changed")
+    assert again.lookup(key, {**inputs, "labels": "l2"}) == (None, "the labels changed")
+    assert ResultStore(out, overwrite=True).lookup(key, inputs) == (None, "new")
+    again.rows = rows
+    again.save()
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("model,attack,eps,class")
 
 
 class TinyNet3d(torch.nn.Module):
@@ -147,9 +158,11 @@ def test_3d_tiles_per_case_dice_is_the_stitched_volume_dice():
     lab[2:4, 7:11, 6:10] = 2
     img = (lab + rng.normal(scale=0.7, size=lab.shape)).astype(np.float32)[None]
     model = stub_model(TinyNet3d(), patch=(4, 8, 8), pool=(2, 4, 4))
-    ev = Evaluator(model, [Case("v", img, lab)], AttackSettings(batch_size=5, steps_ifgsm=2), progress=False)
+    ev = Evaluator(model, [Case("v", img, lab)], AttackSettings(batch_size=5, ifgsm_steps=2, steps_other=2, apgd_steps=2),
+                   progress=False)
     assert len(ev.refs) == 2 * 3 * 3
-    for attack, eps in (("clean", 0.0), ("ifgsm", 2.0)):
+    # the kernel's segmentation attacks run on 3d patch tiles through the same path (issue 14)
+    for attack, eps in (("clean", 0.0), ("ifgsm", 2.0), ("segpgd", 2.0), ("apgd-js", 2.0)):
         run = ev.run(attack, eps, keep=set(ev.refs))
         volume = np.full(lab.shape, -1)
         for ex in run.examples:
@@ -157,3 +170,29 @@ def test_3d_tiles_per_case_dice_is_the_stitched_volume_dice():
         assert (volume >= 0).all()  # every voxel predicted exactly once
         dice = [2 * ((volume == k) & (lab == k)).sum() / ((volume == k).sum() + (lab == k).sum()) for k in (1, 2)]
         assert M.dice3d(run.counts)[1]["v"] == pytest.approx(np.mean(dice))
+
+
+class MaskedGradientNet(torch.nn.Module):
+    """Segments by rounding the input, with no gradient through the rounding: a white-box attack sees
+    a zero gradient (the textbook case of gradient masking) although noise breaks the model easily."""
+
+    def forward(self, x):
+        xq = x * 0 + x.detach().round()
+        return torch.cat([torch.zeros_like(xq), 20 * (xq - 0.5)], 1)
+
+
+def test_strength_checks_flag_gradient_masking():
+    lab = np.zeros((2, 16, 16), np.int16)
+    lab[:, 4:12, 4:12] = 1
+    cases = [Case("c", lab.astype(np.float32)[None], lab)]
+    model = SimpleNamespace(**{**vars(stub_model(MaskedGradientNet(), patch=(16, 16), pool=(4, 4))), "num_classes": 2})
+    ev = Evaluator(model, cases, AttackSettings(ifgsm_steps=5, batch_size=2), progress=False)
+    eps = 24.0  # per-pixel RMS 1.5: random noise flips most roundings
+    clean, white = ev.run("clean", 0.0), ev.run("ifgsm", eps)
+    assert M.adi(clean.counts)["mean"] == 1.0 and M.adi(white.counts)["mean"] == 1.0  # the attack sees nothing
+    noise = ev.check_noise(eps, white.counts)
+    blind = ev.check_gradient_free(eps, white.counts, queries=20)
+    assert noise["status"] == "warning" and "gradient is masked" in noise["message"]
+    assert blind["status"] == "warning" and "gradient masking" in blind["message"]
+    more = ev.check_more_steps("ifgsm", eps, white.counts)
+    assert more["status"] == "ok" and "with 25" in more["message"]
