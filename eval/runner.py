@@ -26,6 +26,7 @@ from .metrics import DEFAULT_ADI, Counts, sample_dice, summarize
 from .model import LoadedModel, attack_loss
 
 CLEAN = "clean"
+CHECK_SAMPLES = 4  # slices (2d) / patches (3d) the attack-strength sanity checks run on
 WORST = "worst"  # not an attack: per sample, the lowest Dice over the attacks run at that eps
 PAPER_ATTACKS = ("pgd", "ifgsm")
 # Croce, Singh & Hein (ECCV 2024) style ensemble: APGD on three objectives, SegPGD, CosPGD; PGD kept
@@ -221,19 +222,22 @@ class Evaluator:
                                           f"the gradient is masked"))
 
     # ------------------------------------------------ sanity checks of attack strength (AutoAttack's)
-    def _subset(self, n_batches: int) -> tuple[list[Batch], int]:
-        sub = self.batches[:n_batches]
-        return sub, sum(len(b.refs) for b in sub)
+    def _subset(self, n_samples: int) -> tuple[list[Batch], int]:
+        """The first ``n_samples`` samples (of the first batch): the strength checks run on a sample of
+        slices, so that 5x the steps cost about one attack of the whole test set, not five."""
+        b = self.batches[0]
+        k = min(n_samples, len(b.refs))
+        return [Batch(b.x[:k], b.y[:k], b.valid[:k], b.pad[:k], b.refs[:k])], k
 
     def _adi(self, counts: Counts) -> float:
         from .metrics import adi
 
         return adi(counts, self.settings.convention)["mean"]
 
-    def check_more_steps(self, attack: str, eps: float, reported: Counts, factor: int = 5, n_batches: int = 1,
+    def check_more_steps(self, attack: str, eps: float, reported: Counts, factor: int = 5, n_samples: int = CHECK_SAMPLES,
                          tol: float = 0.03) -> dict:
         """``factor`` x the steps on the first batches must not give a clearly lower ADI than reported."""
-        sub, n = self._subset(n_batches)
+        sub, n = self._subset(n_samples)
         steps = factor * self.settings.steps(attack)
         more = self.run(attack, eps, steps=steps, batches=sub)
         a, b = self._adi(reported.head(n)), self._adi(more.counts)
@@ -243,10 +247,10 @@ class Evaluator:
                      f"{b:.3f} with {steps}" + ("" if ok else f"; more than {tol} lower: too few steps, the reported "
                                                              f"figures overstate robustness (raise the step count)"))
 
-    def check_noise(self, eps: float, whitebox: Counts, n_batches: int = 1, tol: float = 0.03) -> dict:
+    def check_noise(self, eps: float, whitebox: Counts, n_samples: int = CHECK_SAMPLES, tol: float = 0.03) -> dict:
         """Random noise of the same norm must not lower the ADI more than the white-box attacks."""
         tools = sanity_tools()
-        sub, n = self._subset(n_batches)
+        sub, n = self._subset(n_samples)
         fn = (lambda b, e, gen: tools["random_noise"](self.attacked, b.x, b.y, e, norm=self.settings.norm,
                                                       generator=gen))
         noise = self.run("noise", eps, batches=sub, custom=fn)
@@ -256,11 +260,11 @@ class Evaluator:
                      f"eps={eps:g} on {n} samples: ADI {b:.3f} under random noise, {a:.3f} under the white-box attacks"
                      + ("" if ok else "; noise is stronger: the gradient is masked or the attack is broken"))
 
-    def check_gradient_free(self, eps: float, whitebox: Counts, queries: int = 100, n_batches: int = 1,
+    def check_gradient_free(self, eps: float, whitebox: Counts, queries: int = 100, n_samples: int = CHECK_SAMPLES,
                             tol: float = 0.03) -> dict:
         """A gradient-free random search must not find lower Dice than the white-box attacks."""
         tools = sanity_tools()
-        sub, n = self._subset(n_batches)
+        sub, n = self._subset(n_samples)
 
         def fn(b, e, gen):
             def score(output, y):  # maximised by the search: minus the per-sample Dice, padding left out

@@ -49,6 +49,7 @@ def test_readme_attack_and_classify_commands_parse():
     import shlex
 
     from nnunet_ima.classify.cli import build_parser as classify_parser
+    from nnunet_ima_eval.cli import _check_attacks
     from nnunet_ima_eval.cli import build_parser as attack_parser
 
     attack = _readme_commands("nnunet-ima-attack")
@@ -57,6 +58,7 @@ def test_readme_attack_and_classify_commands_parse():
     assert attack and classify
     for cmd in attack:
         args = attack_parser().parse_args(shlex.split(cmd.replace("$DEVICE", "cpu"))[1:])
+        _check_attacks(args)  # --suite / --attacks resolved as the command does
         assert args.eps and args.attacks
     for cmd in classify:
         classify_parser().parse_args(shlex.split(cmd)[3:])
