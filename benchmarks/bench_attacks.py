@@ -112,7 +112,7 @@ def nnunet_models(args) -> list[tuple]:
 
     out = []
     for tr in args.trainers:
-        m = load_model(args.dataset, args.configuration, args.fold, tr, device=args.device)
+        m = load_model(args.dataset, args.configuration, args.fold, tr, plans=args.plans, device=args.device)
         out.append((m, load_fold_cases(m, args.fold)))
     return out
 
@@ -121,7 +121,8 @@ def measure(model, cases, eps: float, steps_list, batch_size: int, max_samples: 
     """{(attack, steps): (ADI, seconds)} for every attack and step count, plus ("worst", steps)."""
     res = {}
     for steps in steps_list:
-        ev = Evaluator(model, cases, AttackSettings(pgd_steps=steps, steps_other=steps, batch_size=batch_size),
+        ev = Evaluator(model, cases, AttackSettings(pgd_steps=steps, steps_other=steps, apgd_steps=steps,
+                                                     batch_size=batch_size),
                        max_samples=max_samples, progress=False)
         counts = []
         for attack in ATTACKS:
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default=None, help="attack trained nnU-Net models of this dataset instead")
     p.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerIMA"])
     p.add_argument("--configuration", default="2d")
+    p.add_argument("--plans", default="nnUNetPlans", help="plans identifier of --dataset's models")
     p.add_argument("--fold", default="0")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
