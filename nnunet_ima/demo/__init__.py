@@ -6,6 +6,7 @@ their console scripts, as a user would; the kernel (:mod:`nnunet_ima`) imports n
 * :mod:`~nnunet_ima.demo.cli` - the umbrella ``nnunet-ima`` command;
 * :mod:`~nnunet_ima.demo.checks` - every argument, path and device checked before the first step;
 * :mod:`~nnunet_ima.demo.runner` - the steps: dataset, planning, training, attacks;
+* :mod:`~nnunet_ima.demo.records` - what each dataset / model was built from (a rerun rebuilds what changed);
 * :mod:`~nnunet_ima.demo.verdict` - the plain-words verdict on the table (through eval's report module);
 * :mod:`~nnunet_ima.demo.mni` - the MNI152 dataset builder (real anatomy shipped with nilearn);
 * :mod:`~nnunet_ima.demo.nnunet_data` - nnU-Net raw-dataset helpers (write a dataset, plan it, env).

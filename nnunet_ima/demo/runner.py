@@ -27,12 +27,14 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 from nnunet_ima.plumbing import atomic_write_text
 
+from . import records
 from .checks import DemoArgumentError, check_args
 from .mni import DATASET_NAME
 from .nnunet_data import dataset_folder_name, nnunet_command, plan_and_preprocess, write_raw_dataset
@@ -71,7 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper", action="store_true",
                    help="nnU-Net's own plans and the paper's schedule (50x50, K=20, N=10): for a GPU")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate even if results exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild the dataset, retrain and re-evaluate even if results exist (without it, models "
+                        "whose settings changed are retrained anyway; a dataset built with another --resolution "
+                        "or --slab is refused)")
 
 
 def prepare_folders(workdir: str) -> dict:
@@ -113,14 +118,31 @@ def _stream(cmd: list[str], env: dict, log: Path, show=_SHOW) -> None:
                              f"  {' '.join(cmd)}")
 
 
-def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4) -> Path:
-    """Step 1: the MNI152 slabs as an nnU-Net raw dataset (skipped when its dataset.json exists)."""
+def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4, overwrite: bool = False) -> Path:
+    """Step 1: the MNI152 slabs as an nnU-Net raw dataset. An existing one is reused when it was built
+    with the same ``resolution`` and ``slab`` (its record, :mod:`~nnunet_ima.demo.records`); built with
+    others it is refused, or with ``overwrite`` removed with its preprocessed data and rebuilt."""
     from .mni import LABELS, mni_slab_cases
 
     folder = Path(env["nnUNet_raw"]) / dataset_folder_name(dataset_id, DATASET_NAME)
+    wanted = records.dataset_settings(resolution, slab)
     if (folder / "dataset.json").exists():
-        say(f"dataset exists: {folder}")
-        return folder
+        old = records.read(folder)
+        if old is None:
+            say(f"dataset exists: {folder} (built before datasets kept a record of their settings: reused)")
+            return folder
+        if old == wanted:
+            say(f"dataset exists: {folder}")
+            return folder
+        if not overwrite:
+            flag = "--resolution" if old.get("resolution") != wanted["resolution"] else "--slab"
+            raise DemoArgumentError(flag, wanted[flag[2:]],
+                                    f"what the dataset in {folder} was built with (--resolution {old.get('resolution')} "
+                                    f"--slab {old.get('slab')}); "
+                                    f"--overwrite rebuilds it (and retrains), or use another --workdir or --dataset-id")
+        say(f"rebuilding the dataset ({records.changes(old, wanted)}); removing it and its preprocessed data")
+        shutil.rmtree(folder)
+        shutil.rmtree(Path(env["nnUNet_preprocessed"]) / folder.name, ignore_errors=True)
     say("building the dataset from the MNI152 template shipped with nilearn")
     train, test, spacing = mni_slab_cases(resolution, slab=slab)
     if len(train) < 5 or not test:  # nnU-Net's 5-fold split needs 5 training cases
@@ -131,6 +153,7 @@ def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4) 
                       channel_name="T1",
                       description="MNI152 ICBM 2009a T1 template (nilearn), axial slabs; labels from the template's "
                                   "grey/white-matter probability maps")
+    records.write(folder, wanted)
     say(f"wrote {len(train)} training and {len(test)} test cases to {folder}")
     return folder
 
@@ -191,17 +214,32 @@ def training_env(args: argparse.Namespace, env: dict, sched: dict, trainer: str,
 
 
 def train_models(args: argparse.Namespace, env: dict, plans: str, sched: dict, logdir: Path) -> None:
-    """Step 3: STD, then SAT and IMA from STD's weights, each through ``nnunet-ima-train``."""
+    """Step 3: STD, then SAT and IMA from STD's weights, each through ``nnunet-ima-train``. A model
+    is reused only when its record matches what this run asks for; otherwise it is retrained and
+    what changed is printed (:mod:`~nnunet_ima.demo.records`)."""
+    from nnunet_ima_eval.provenance import file_digest
+
     std_ckpt = checkpoint_path(env, args.dataset_id, TRAINERS[0], plans)
+    pre = Path(env["nnUNet_preprocessed"]) / dataset_folder_name(args.dataset_id, DATASET_NAME)
+    plans_2d = json.loads((pre / f"{plans}.json").read_text())["configurations"]["2d"]
+    dataset = records.dataset_settings(args.resolution, args.slab)
     for trainer in TRAINERS:
         ckpt = checkpoint_path(env, args.dataset_id, trainer, plans)
+        tenv = training_env(args, env, sched, trainer, std_ckpt)
+        start = file_digest(std_ckpt) if trainer != TRAINERS[0] else None
+        wanted = records.model_settings(trainer, tenv, dataset, plans_2d, start)
         if ckpt.exists() and not args.overwrite:
-            say(f"{trainer}: trained model exists, skipping ({ckpt})")
-            continue
+            changed = records.changes(records.read(ckpt.parent), wanted)
+            if not changed:
+                say(f"{trainer}: trained model exists with these settings, skipping ({ckpt})")
+                continue
+            say(f"{trainer}: retraining, the existing model does not match: {changed}")
+        (ckpt.parent / records.RECORD).unlink(missing_ok=True)  # a crash mid-training leaves no stale record
         cmd = nnunet_command("nnunet-ima-train") + [
             str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", args.device]
         say(f"training {trainer}")
-        _stream(cmd, training_env(args, env, sched, trainer, std_ckpt), logdir / f"train_{trainer}.log")
+        _stream(cmd, tenv, logdir / f"train_{trainer}.log")
+        records.write(ckpt.parent, wanted)
 
 
 def attack_command(args: argparse.Namespace, raw: Path, plans: str, out: Path) -> list[str]:
@@ -224,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     logdir.mkdir(parents=True, exist_ok=True)
     say(f"nnUNet_raw={env['nnUNet_raw']}\n    nnUNet_preprocessed={env['nnUNet_preprocessed']}\n"
         f"    nnUNet_results={env['nnUNet_results']}\n    logs in {logdir}")
-    raw = build_dataset(env, args.dataset_id, args.resolution, args.slab)
+    raw = build_dataset(env, args.dataset_id, args.resolution, args.slab, args.overwrite)
     plan(env, args.dataset_id, raw, logdir)
     plans, sched = choose_plans(args, env)
     say(f"plans {plans}; schedule {sched}; IMA delta={args.delta} eps_max={args.eps_max}; SAT eps={args.sat_eps}")
