@@ -9,6 +9,7 @@ demo's 10 x 12 schedule, K=5 N=5 delta=1 eps_max=10 unless varied):
 * IMA with K in {2, 5, 10, 20} at N=5, at one (reduction, samples) setting (``--k-combo``; ``auto`` =
   the combo with the best PGD ADI at the middle eps among finished runs with clean ADI within 1 point
   of STD's);
+* IMA with delta in {1, 2.5, 5} (eps_max/10, /4, /2) at K=5, N=5, at the same combo;
 * SAT at eps 2 and at eps_max 10;
 * ``--replicates`` runs of each (r0, r1, ...). nnU-Net training is not seeded (sampling and
   augmentation are random), so replicates are independent runs, not seeds.
@@ -51,6 +52,9 @@ SCHEDULE = {"ITERS": 12, "VAL_ITERS": 2, "K": 5, "N": 5, "DELTA": 1.0, "EPS_MAX"
 EPOCHS_STD, EPOCHS_ADV = 30, 10
 COMBOS = [("mean", "correct"), ("mean", "all"), ("max", "correct"), ("max", "all")]
 K_SWEEP = (2, 5, 10, 20)
+# the expansion step at eps_max 10: the demo's 1 (eps_max/10), the trainers' default rule eps_max/4, and eps_max/2
+# (the paper chose delta by a grid search on validation data: 5/20, 2/15, 10/40 on its three tasks)
+DELTA_SWEEP = (1.0, 2.5, 5.0)
 SAT_EPS = (2.0, 10.0)
 NEAR_ZERO = 0.5  # a margin below this (half of delta) counts as "near 0"
 
@@ -74,8 +78,9 @@ class Run:
         return workdir / "runs" / self.name
 
 
-def combo_name(reduction: str, samples: str, k: int | None = None) -> str:
-    return f"IMA_{reduction}-{samples}" + (f"_K{k}" if k is not None and k != SCHEDULE["K"] else "")
+def combo_name(reduction: str, samples: str, k: int | None = None, delta: float | None = None) -> str:
+    return (f"IMA_{reduction}-{samples}" + (f"_K{k}" if k is not None and k != SCHEDULE["K"] else "") +
+            (f"_D{delta:g}" if delta is not None and delta != SCHEDULE["DELTA"] else ""))
 
 
 def replicate_runs(r: int) -> list[Run]:
@@ -93,7 +98,8 @@ def replicate_runs(r: int) -> list[Run]:
 
 
 def plan_runs(replicates: int, k_combo: tuple[str, str]) -> list[Run]:
-    """Every run of the study in order of value: STD; r0 of the combos and SATs; r1 ...; the K sweep."""
+    """Every run of the study in order of value: STD; r0 of the combos and SATs; r1 ...; the K sweep;
+    the delta sweep (both at the K sweep's combo)."""
     runs = [Run("STD", STD, group="STD")]
     for r in range(replicates):
         runs += replicate_runs(r)
@@ -104,6 +110,12 @@ def plan_runs(replicates: int, k_combo: tuple[str, str]) -> list[Run]:
                 continue  # K=5 is the combo run itself
             g = combo_name(red, samp, k)
             runs.append(Run(f"{g}_r{r}", IMA, {"DICE_REDUCTION": red, "ATTACK_SAMPLES": samp, "K": k}, r, g))
+    for r in range(replicates):
+        for d in DELTA_SWEEP:
+            if d == SCHEDULE["DELTA"]:
+                continue  # delta 1 is the combo run itself
+            g = combo_name(red, samp, delta=d)
+            runs.append(Run(f"{g}_r{r}", IMA, {"DICE_REDUCTION": red, "ATTACK_SAMPLES": samp, "DELTA": d}, r, g))
     return runs
 
 
