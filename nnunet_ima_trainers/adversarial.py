@@ -135,14 +135,13 @@ class nnUNetTrainerIMA(_AdversarialTrainer):
 
 
 def margin_digest(store: MarginStore) -> str:
-    """Short fingerprint of keys and margins (exact float64 bytes): equal digests = equal margins."""
-    import hashlib
+    """Fingerprint of the margins as the checkpoint holds them (keys, margins, delta, eps_max): the same
+    digest the trainer logs on every save and restore, so the three log lines can be compared by eye."""
+    from nnunet_ima.plumbing import to_plain
 
-    h = hashlib.sha1()
-    for k in store.keys():
-        h.update(str(k).encode() + b"\0")
-    h.update(store.margins.numpy().tobytes())
-    return h.hexdigest()[:16]
+    from .checkpoints import state_digest
+
+    return state_digest(to_plain({"ima_margins": store.state_dict()}))
 
 
 FALL_BACK_WARN_SHARE = 0.1  # warn when more than this share of an epoch's attacks fell back

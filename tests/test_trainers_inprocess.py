@@ -241,6 +241,9 @@ def test_adversarial_step_and_exact_checkpoint_roundtrip(tiny_env, cls, tmp_path
         assert restored.margins.keys() == trainer.margins.keys()
         assert torch.equal(restored.margins.margins, trainer.margins.margins)
         assert margin_digest(restored.margins) == margin_digest(MarginStore.from_state_dict(ckpt["ima_margins"]))
+        # IMA's own restore line names the same digest as the save and restore lines (one digest in the log)
+        ima_line = re.findall(r"IMA: restored \d+ margins, digest (\w+)", open(restored.log_file).read())
+        assert ima_line == saved_line
 
 
 def test_margin_keys_helper():
