@@ -10,6 +10,7 @@ under the training autocast; the shared step then trains on (L_clean + L_noisy) 
 """
 from __future__ import annotations
 
+import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunet_ima import DicePredicate, MarginStore, pgd
@@ -30,15 +31,38 @@ class _AdversarialTrainer(nnUNetTrainerSTD):
 
 
 class nnUNetTrainerSAT(_AdversarialTrainer):
-    """Standard adversarial training with a fixed eps: ``NNUNET_IMA_SAT_EPS`` (default eps_max)."""
+    """Standard adversarial training with a fixed eps: ``NNUNET_IMA_SAT_EPS`` (default eps_max).
+    Samples whose attack went non-finite (e.g. fp16 overflow) train on the clean sample and are
+    counted apart ("fell back"), as IMA's are; the epoch log warns when more than a tenth fell back."""
+
+    epoch_stats = IMAStepStats()  # replaced (never mutated) every epoch and step
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.epoch_stats = IMAStepStats()
 
     def make_adversarial_batch(self, data, target, keys, clean_output):
         """PGD on every sample; returns (noisy batch, None): SAT has no margins to finish."""
         cfg = self.ima_config
         with self.autocast():
             noisy = pgd(self.attack_module(), data, target, cfg.sat_eps, norm=cfg.norm, steps=cfg.k,
-                        loss=self.attack_loss)
+                        loss=self.attack_loss).detach()
+        finite = torch.isfinite(noisy.flatten(1)).all(1)
+        if not bool(finite.all()):
+            noisy = torch.where(finite.view(-1, *[1] * (data.dim() - 1)), noisy, data)
+        n_ok = int(finite.sum())
+        self.epoch_stats = self.epoch_stats + IMAStepStats(samples=len(finite), attacked=n_ok,
+                                                           fell_back=len(finite) - n_ok)
         return noisy, None
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        s = self.epoch_stats
+        self.print_to_log_file(f"SAT: {s.attacked}/{s.samples} samples attacked (PGD, eps {self.ima_config.sat_eps:g}), "
+                               f"{s.fell_back} fell back to the clean sample (non-finite attack)")
+        warning = fall_back_warning(s, "SAT", "")
+        if warning:
+            self.print_to_log_file(warning)
 
 
 class nnUNetTrainerIMA(_AdversarialTrainer):
@@ -157,10 +181,17 @@ def epoch_report(stats: IMAStepStats, predicate: DicePredicate, attack_samples: 
               else f"attacked (attack_samples=all; {s.clean_correct} {correct})")
     lines = [f"IMA: {s.attacked}/{s.samples} samples {chosen}, {s.crossed} crossed ({share}), "
              f"{s.fell_back} fell back to the clean sample (non-finite attack)"]
-    if s.fell_back_share() > FALL_BACK_WARN_SHARE:
-        lines.append(f"IMA WARNING: {s.fell_back} of {s.attacked + s.fell_back} attacks this epoch "
-                     f"({100 * s.fell_back_share():.0f}%) went non-finite and fell back to the clean sample, whose "
-                     "margin was not updated. Likely cause: fp16 overflow under autocast (mixed precision) or a "
-                     "non-finite input gradient. Try: check the inputs for NaN/Inf; a smaller NNUNET_IMA_EPS_MAX; "
-                     "training without mixed precision (a trainer subclass whose autocast() is disabled).")
-    return lines
+    warning = fall_back_warning(s, "IMA", ", whose margin was not updated")
+    return lines + ([warning] if warning else [])
+
+
+def fall_back_warning(s: IMAStepStats, method: str, consequence: str) -> str | None:
+    """One warning line when more than :data:`FALL_BACK_WARN_SHARE` of the epoch's attacks fell back."""
+    if s.fell_back_share() <= FALL_BACK_WARN_SHARE:
+        return None
+    eps_var = "NNUNET_IMA_EPS_MAX" if method == "IMA" else "NNUNET_IMA_SAT_EPS"
+    return (f"{method} WARNING: {s.fell_back} of {s.attacked + s.fell_back} attacks this epoch "
+            f"({100 * s.fell_back_share():.0f}%) went non-finite and fell back to the clean sample{consequence}. "
+            "Likely cause: fp16 overflow under autocast (mixed precision) or a non-finite input gradient. Try: check "
+            f"the inputs for NaN/Inf; a smaller {eps_var}; training without mixed precision (a trainer subclass whose "
+            "autocast() is disabled).")

@@ -201,6 +201,28 @@ def test_non_finite_attack_falls_back_to_the_clean_sample():
     assert len(warnings) == 1 and "fp16" in warnings[0] and "NNUNET_IMA_EPS_MAX" in warnings[0]
 
 
+def test_sat_non_finite_attack_falls_back_to_the_clean_sample_and_is_counted():
+    """SAT as IMA: rows whose PGD went non-finite train on the clean sample (no NaN reaches the loss),
+    counted apart, and the epoch log warns past a tenth."""
+    from nnunet_ima_trainers import nnUNetTrainerSAT
+
+    model = TinySeg(nan_grad_rows=True).double()
+    x, y = seg_batch(model, wrong=())
+    x[[2, 5], 0, 0, 0] = 2 * MARK
+    t = stub_trainer(model, IMAStepSettings(), DicePredicate(0.6), MarginStore(0.4, 1.0))
+    t.__class__ = nnUNetTrainerSAT
+    t.ima_config = types.SimpleNamespace(sat_eps=1.0, norm="l2", k=3)
+    t.on_train_epoch_start = lambda: None
+    noisy, finish = t.make_adversarial_batch(x, y[:, None], [f"s{i}" for i in range(8)], model(x).detach())
+    assert finish is None and torch.isfinite(noisy).all()
+    assert torch.equal(noisy[[2, 5]], x[[2, 5]]) and not torch.equal(noisy[0], x[0])
+    assert (t.epoch_stats.samples, t.epoch_stats.attacked, t.epoch_stats.fell_back) == (8, 6, 2)
+    t.on_train_epoch_end([{"loss": 0.5}])
+    assert any("SAT: 6/8 samples attacked" in line and "2 fell back" in line for line in t.log), t.log
+    warnings = [line for line in t.log if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("SAT WARNING: 2 of 8") and "NNUNET_IMA_SAT_EPS" in warnings[0]
+
+
 def test_fall_back_warning_threshold():
     from nnunet_ima import IMAStepStats
     from nnunet_ima_trainers.adversarial import epoch_report
