@@ -6,6 +6,9 @@ nnUNetTrainerIMA, and IMA against its floor, all measured in one run on a genera
     # GPU, a real-size 2d plan (generated 256x256 slices, or an existing preprocessed dataset):
     .venv/bin/python benchmarks/bench_trainers.py --device cuda --compile off --shape 32 256 256 --json off.json
     .venv/bin/python benchmarks/bench_trainers.py --device cuda --compile on  --shape 32 256 256 --json on.json
+    # what K costs, side by side (issue 13), on the demo's data and network:
+    .venv/bin/python benchmarks/bench_trainers.py --k 5 --n 5 --k-sweep 2 5 10 20 \
+        --preprocessed nnunet_ima_work/nnUNet_preprocessed/Dataset990_MNIBrain --plans nnUNetPlansDemo
     .venv/bin/python benchmarks/bench_trainers.py --device cuda --preprocessed \
         $nnUNet_preprocessed/Dataset004_Hippocampus
 
@@ -72,7 +75,13 @@ def parse_args():
     p.add_argument("--plans", default="nnUNetPlans", help="plans identifier inside --preprocessed")
     p.add_argument("--root", default=None, help="work folder (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--k-sweep", type=int, nargs="+", default=None, metavar="K",
+                   help="also time IMA's step with each of these K (same batches and weights, worst case, the K "
+                        "values interleaved over --rounds rounds) and print each one's cost relative to the largest")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of the --k-sweep (default 2; the fastest counts)")
     args = p.parse_args()
+    if args.k_sweep and min(args.k_sweep) < 1:
+        p.error("--k-sweep: every K must be >= 1")
     if args.warmup is None:
         args.warmup = 3 if args.compile == "on" else 1
     if args.device == "cuda":
@@ -288,6 +297,31 @@ def report(results: dict, parts: dict, args, threads: int) -> dict:
             "ima_over_floor_cpu": ratios[1], "ima_memory_ratio": mem}
 
 
+def k_sweep(ima, weights, batches, args, device) -> dict:
+    """IMA's iteration cost for each K of ``--k-sweep``, measured side by side: the K values take turns
+    for ``--rounds`` rounds on the same batches and weights; per K the fastest round counts (load only
+    ever adds time). Returns {K: (wall s, CPU s)}."""
+    import dataclasses
+
+    settings = ima.step_settings
+    best: dict = {}
+    for _ in range(args.rounds):
+        for k in args.k_sweep:
+            ima.step_settings = dataclasses.replace(settings, steps=k)
+            w, c, _m = time_steps(ima, weights, batches, args, device, before=ima.predicate.reset)
+            old = best.get(k, (float("inf"), float("inf")))
+            best[k] = (min(old[0], w), min(old[1], c))
+    ima.step_settings = settings
+    top = max(args.k_sweep)
+    print(f"\nIMA per iteration by K (N={args.n}, worst case: every sample attacked, all K steps and N searches; "
+          f"fastest of {args.rounds} interleaved rounds):")
+    for k in sorted(best):
+        w, c = best[k]
+        print(f"  K={k:<3} {w:8.3f} s wall {c:8.3f} s CPU   (x{w / best[top][0]:.2f} wall, x{c / best[top][1]:.2f} CPU "
+              f"of K={top})")
+    return best
+
+
 def main():
     args = parse_args()
     if args.device == "cpu" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
@@ -316,6 +350,9 @@ def main():
     ima.predicate = WorstCasePredicate(ima.predicate)
     results["nnUNetTrainerIMA"] = time_steps(ima, weights, batches, args, device, before=ima.predicate.reset)
     numbers = report(results, measure_floor(std, weights, batches[0], args, device), args, torch.get_num_threads())
+    if args.k_sweep:
+        numbers["k_sweep"] = {str(k): {"wall_s": w, "cpu_s": c}
+                              for k, (w, c) in k_sweep(ima, weights, batches, args, device).items()}
     if args.json:
         numbers.update(device=str(device), gpu=gpu, compile=args.compile, k=args.k, n=args.n,
                        patch=list(b.shape[2:]), batch=int(b.shape[0]), plans=str(plans_file))

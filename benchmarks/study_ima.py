@@ -10,7 +10,7 @@ demo's 10 x 12 schedule, K=5 N=5 delta=1 eps_max=10 unless varied):
   the combo with the best PGD ADI at the middle eps among finished runs with clean ADI within 1 point
   of STD's);
 * IMA with delta in {1, 2.5, 5} (eps_max/10, /4, /2) at K=5, N=5, at the same combo;
-* SAT at eps 2 and at eps_max 10;
+* SAT at eps 2 and at eps_max 10 (K=5), and at eps 2 with K=10;
 * ``--replicates`` runs of each (r0, r1, ...). nnU-Net training is not seeded (sampling and
   augmentation are random), so replicates are independent runs, not seeds.
 
@@ -55,6 +55,7 @@ K_SWEEP = (2, 5, 10, 20)
 # the expansion step at eps_max 10: the demo's 1 (eps_max/10), the trainers' default rule eps_max/4, and eps_max/2
 # (the paper chose delta by a grid search on validation data: 5/20, 2/15, 10/40 on its three tasks)
 DELTA_SWEEP = (1.0, 2.5, 5.0)
+SAT_K = (10,)  # SAT at the small eps also with these K: IMA at K=10 is compared with a SAT of the same K
 SAT_EPS = (2.0, 10.0)
 NEAR_ZERO = 0.5  # a margin below this (half of delta) counts as "near 0"
 
@@ -99,7 +100,7 @@ def replicate_runs(r: int) -> list[Run]:
 
 def plan_runs(replicates: int, k_combo: tuple[str, str]) -> list[Run]:
     """Every run of the study in order of value: STD; r0 of the combos and SATs; r1 ...; the K sweep;
-    the delta sweep (both at the K sweep's combo)."""
+    the delta sweep (both at the K sweep's combo); SAT at the small eps with the K of ``SAT_K``."""
     runs = [Run("STD", STD, group="STD")]
     for r in range(replicates):
         runs += replicate_runs(r)
@@ -116,6 +117,10 @@ def plan_runs(replicates: int, k_combo: tuple[str, str]) -> list[Run]:
                 continue  # delta 1 is the combo run itself
             g = combo_name(red, samp, delta=d)
             runs.append(Run(f"{g}_r{r}", IMA, {"DICE_REDUCTION": red, "ATTACK_SAMPLES": samp, "DELTA": d}, r, g))
+    for r in range(replicates):
+        for k in SAT_K:
+            g = f"SAT_eps{SAT_EPS[0]:g}_K{k}"
+            runs.append(Run(f"{g}_r{r}", SAT, {"SAT_EPS": SAT_EPS[0], "K": k}, r, g))
     return runs
 
 
