@@ -385,6 +385,35 @@ def table_md(records: list[dict], eps: float, not_done: list[str]) -> str:
     return "\n".join(lines)
 
 
+def summary_md(records: list[dict], eps: float, reference_sat: str = f"SAT_eps{SAT_EPS[0]:g}") -> str:
+    """One row per setting over its replicates: mean (min to max) of clean and PGD ADI, their differences
+    to STD and PGD's to the mean of ``reference_sat`` (SAT at the small eps: STD's clean ADI), CPU s/iter."""
+    groups = by_group(records)
+    std = groups.get("STD", {}).get(None)
+    ref = [r["pgd_adi"] for r in groups.get(reference_sat, {}).values() if r["pgd_adi"] is not None]
+    if not std or std["pgd_adi"] is None:
+        return "(no summary: STD not evaluated)"
+    ref_mean = statistics.mean(ref) if ref else None
+
+    def span(values, shift=0.0):
+        v = [100 * (x - shift) for x in values]
+        return f"{statistics.mean(v):+.1f} ({min(v):+.1f} to {max(v):+.1f})" if shift else \
+            f"{statistics.mean(v):.1f} ({min(v):.1f} to {max(v):.1f})"
+
+    lines = [f"| setting | n | clean ADI | clean − STD | PGD ADI eps {eps:g} | PGD − STD | PGD − {reference_sat} (mean) "
+             f"| CPU s/iter |", "|---|---|---|---|---|---|---|---|"]
+    for g, reps in groups.items():
+        rows = [r for r in reps.values() if r["pgd_adi"] is not None and r["clean_adi"] is not None]
+        if g == "STD" or not rows:
+            continue
+        clean, pgd = [r["clean_adi"] for r in rows], [r["pgd_adi"] for r in rows]
+        cpu = [r["cpu_s_per_iter"] for r in rows if r.get("cpu_s_per_iter")]
+        lines.append(f"| {g} | {len(rows)} | {span(clean)} | {span(clean, std['clean_adi'])} | {span(pgd)} | "
+                     f"{span(pgd, std['pgd_adi'])} | {span(pgd, ref_mean) if ref_mean is not None else '—'} | "
+                     f"{_num(statistics.mean(cpu) if cpu else None)} |")
+    return "\n".join(lines)
+
+
 def by_group(records: list[dict]) -> dict:
     groups: dict = {}
     for r in records:
@@ -479,7 +508,9 @@ def report(workdir: Path, records: list[dict], not_done: list[str], args, k_comb
           f"epoch time / {SCHEDULE['ITERS']} iterations (wall; includes validation and checkpointing; the "
           "machine's load varies, the shortest epoch is the least disturbed). Margins: last "
           f"checkpoint; near 0 = below {NEAR_ZERO}. Replicates r0, r1 are unseeded repeats.", "",
-          table_md(records, args.eps, not_done), "", "## Target (a)", _fmt_a(a), "",
+          table_md(records, args.eps, not_done), "", "## Per setting, over its replicates",
+          "mean (min to max), ADI in %; differences in points", "", summary_md(records, args.eps), "",
+          "## Target (a)", _fmt_a(a), "",
           "## Target (b)", _fmt_b(b, k_combo)]
     (workdir / "study.md").write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
