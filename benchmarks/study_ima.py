@@ -11,6 +11,7 @@ demo's 10 x 12 schedule, K=5 N=5 delta=1 eps_max=10 unless varied):
   of STD's);
 * IMA with delta in {1, 2.5, 5} (eps_max/10, /4, /2) at K=5, N=5, at the same combo;
 * SAT at eps 2 and at eps_max 10 (K=5), and at eps 2 with K=10;
+* IMA (that combo) and SAT at eps 2 fine-tuned 30 epochs instead of 10 (is the short schedule the limit?);
 * ``--replicates`` runs of each (r0, r1, ...). nnU-Net training is not seeded (sampling and
   augmentation are random), so replicates are independent runs, not seeds.
 
@@ -56,6 +57,7 @@ K_SWEEP = (2, 5, 10, 20)
 # (the paper chose delta by a grid search on validation data: 5/20, 2/15, 10/40 on its three tasks)
 DELTA_SWEEP = (1.0, 2.5, 5.0)
 SAT_K = (10,)  # SAT at the small eps also with these K: IMA at K=10 is compared with a SAT of the same K
+LONG_EPOCHS = (30,)  # IMA (the K sweep's combo, K=5) and SAT at the small eps fine-tuned 3x longer
 SAT_EPS = (2.0, 10.0)
 NEAR_ZERO = 0.5  # a margin below this (half of delta) counts as "near 0"
 
@@ -100,7 +102,8 @@ def replicate_runs(r: int) -> list[Run]:
 
 def plan_runs(replicates: int, k_combo: tuple[str, str]) -> list[Run]:
     """Every run of the study in order of value: STD; r0 of the combos and SATs; r1 ...; the K sweep;
-    the delta sweep (both at the K sweep's combo); SAT at the small eps with the K of ``SAT_K``."""
+    the delta sweep (both at the K sweep's combo); SAT at the small eps with the K of ``SAT_K``; IMA and
+    SAT at the small eps with the longer fine-tuning of ``LONG_EPOCHS``."""
     runs = [Run("STD", STD, group="STD")]
     for r in range(replicates):
         runs += replicate_runs(r)
@@ -121,6 +124,12 @@ def plan_runs(replicates: int, k_combo: tuple[str, str]) -> list[Run]:
         for k in SAT_K:
             g = f"SAT_eps{SAT_EPS[0]:g}_K{k}"
             runs.append(Run(f"{g}_r{r}", SAT, {"SAT_EPS": SAT_EPS[0], "K": k}, r, g))
+    for r in range(replicates):
+        for e in LONG_EPOCHS:
+            g = f"{combo_name(red, samp)}_E{e}"
+            runs.append(Run(f"{g}_r{r}", IMA, {"DICE_REDUCTION": red, "ATTACK_SAMPLES": samp, "EPOCHS": e}, r, g))
+            g = f"SAT_eps{SAT_EPS[0]:g}_E{e}"
+            runs.append(Run(f"{g}_r{r}", SAT, {"SAT_EPS": SAT_EPS[0], "EPOCHS": e}, r, g))
     return runs
 
 
@@ -191,7 +200,7 @@ def known_settings() -> set[str]:
 def train_env(run: Run, workdir: Path, std_ckpt: Path) -> dict:
     env = base_env(workdir)
     env["nnUNet_results"] = str(run.root(workdir) / "nnUNet_results")
-    sched = dict(SCHEDULE, EPOCHS=EPOCHS_STD if run.trainer == STD else EPOCHS_ADV, **run.settings)
+    sched = {**SCHEDULE, "EPOCHS": EPOCHS_STD if run.trainer == STD else EPOCHS_ADV, **run.settings}
     if run.trainer != STD:
         sched["INIT_WEIGHTS"] = str(std_ckpt)
     env.update({f"NNUNET_IMA_{k}": f"{v:g}" if isinstance(v, float) else str(v) for k, v in sched.items()})
@@ -324,7 +333,7 @@ def cpu_per_iter(run: Run, workdir: Path) -> float | None:
     path = run.root(workdir) / "train_cpu.json"
     if not path.exists():
         return None
-    epochs = EPOCHS_STD if run.trainer == STD else EPOCHS_ADV
+    epochs = run.settings.get("EPOCHS", EPOCHS_STD if run.trainer == STD else EPOCHS_ADV)
     return json.loads(path.read_text())["cpu_s"] / (epochs * SCHEDULE["ITERS"])
 
 
