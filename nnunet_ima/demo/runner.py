@@ -11,7 +11,7 @@
    shows the paper's effect (:mod:`nnunet_ima.demo.verdict`).
 
 Every argument, path and the device are checked first (:mod:`nnunet_ima.demo.checks`). The default
-schedule is sized for a 2-core CPU: measured 7.4 to 8.8 minutes on an idle 2-core machine and 15.0 on a
+schedule is sized for a 2-core CPU: measured 7.2 to 8.8 minutes on an idle 2-core machine and 15.0 on a
 busy one, from a fresh clone (the time follows the CPU's free cores; the attacks are the largest part).
 
 The demo network is nnU-Net's 2d plan with fewer feature maps per stage and a larger batch (plans
