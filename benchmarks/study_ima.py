@@ -33,7 +33,6 @@ two target checks of issue 13).
 from __future__ import annotations
 
 import argparse
-import csv
 import fnmatch
 import json
 import math
@@ -45,6 +44,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nnunet_ima.demo.mni import DATASET_NAME
+from nnunet_ima.demo.nnunet_data import dataset_folder_name, nnunet_command
+from nnunet_ima_eval.report import read_table
 
 DATASET_ID = 990
 PLANS = "nnUNetPlansDemo"
@@ -140,28 +143,6 @@ def select(runs: list[Run], only: list[str] | None) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------------------- nnU-Net I/O
-def demo_helpers():
-    """The demo's dataset builder, plans writer and nnU-Net helpers, wherever they live now."""
-    import importlib
-
-    names = ("build_dataset", "write_demo_plans", "dataset_folder_name", "nnunet_command", "plan_and_preprocess")
-    found: dict = {}
-    for module in ("nnunet_ima.demo", "nnunet_ima.demo.runner", "nnunet_ima.demo.dataset", "nnunet_ima.demo.plans",
-                   "nnunet_ima.demo.nnunet_data"):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        for name in names:
-            if found.get(name) is None:
-                found[name] = getattr(mod, name, None)
-    missing = [name for name in names if found.get(name) is None]
-    if missing:
-        raise SystemExit(f"study_ima: cannot find the demo's {missing} in nnunet_ima.demo (moved?)")
-    return (found["build_dataset"], found["write_demo_plans"], found["dataset_folder_name"], found["nnunet_command"],
-            found["plan_and_preprocess"])
-
-
 def base_env(workdir: Path) -> dict:
     """Environment without any inherited NNUNET_IMA_* (an unknown one is an error in the trainers)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNUNET_IMA_")}
@@ -172,29 +153,22 @@ def base_env(workdir: Path) -> dict:
 
 def prepare_data(workdir: Path) -> Path:
     """Build the demo dataset and plans exactly as ``nnunet-ima demo`` does; returns the raw folder."""
-    build_dataset, write_demo_plans, _, _, plan_and_preprocess = demo_helpers()
+    from nnunet_ima.demo.runner import build_dataset, plan, write_demo_plans
+
     env = base_env(workdir)
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):
         Path(env[var]).mkdir(parents=True, exist_ok=True)
     raw = build_dataset(env, DATASET_ID, 3.0, 4)
-    pre = Path(env["nnUNet_preprocessed"]) / raw.name
-    if not (pre / "nnUNetPlans.json").exists():
-        (workdir / "logs").mkdir(exist_ok=True)
-        with open(workdir / "logs" / "plan_and_preprocess.log", "w") as log:
-            plan_and_preprocess(DATASET_ID, ("2d",), env=env, log=log)
-    if not (pre / f"{PLANS}.json").exists():
+    (workdir / "logs").mkdir(exist_ok=True)
+    plan(env, DATASET_ID, raw, workdir / "logs")  # skipped when nnU-Net's plans exist
+    if not (Path(env["nnUNet_preprocessed"]) / raw.name / f"{PLANS}.json").exists():
         write_demo_plans(env, DATASET_ID, [8, 16, 32, 64, 128], 8)
     return raw
 
 
 def fold_dir(run: Run, workdir: Path) -> Path:
-    name = demo_helpers()[2](DATASET_ID, "MNIBrain")
+    name = dataset_folder_name(DATASET_ID, DATASET_NAME)
     return run.root(workdir) / "nnUNet_results" / name / f"{run.trainer}__{PLANS}__2d" / "fold_0"
-
-
-def known_settings() -> set[str]:
-    from nnunet_ima_trainers.config import KEYS
-    return {k.upper() for k in KEYS}
 
 
 def train_env(run: Run, workdir: Path, std_ckpt: Path) -> dict:
@@ -208,7 +182,7 @@ def train_env(run: Run, workdir: Path, std_ckpt: Path) -> dict:
 
 
 def train_command(run: Run) -> list[str]:
-    cmd = demo_helpers()[3]("nnunet-ima-train")
+    cmd = nnunet_command("nnunet-ima-train")
     return cmd + [str(DATASET_ID), "2d", "0", "-tr", run.trainer, "-p", PLANS, "-device", "cpu"]
 
 
@@ -221,10 +195,6 @@ def _children_cpu() -> float:
 
 def train(run: Run, workdir: Path, std_ckpt: Path) -> bool:
     """Train one run from scratch (an unfinished folder is cleared); True when it finished."""
-    missing = {k for k in run.settings if k not in known_settings()}
-    if missing:
-        _say(f"{run.name}: the trainers do not know NNUNET_IMA_{sorted(missing)} yet; skipped")
-        return False
     folder = fold_dir(run, workdir)
     if folder.exists():
         for f in folder.iterdir():  # a partial run: start again from the STD model
@@ -246,38 +216,19 @@ def train(run: Run, workdir: Path, std_ckpt: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def attack_help() -> str:
-    cmd = demo_helpers()[3]("nnunet-ima-attack") + ["-h"]
-    return subprocess.run(cmd, capture_output=True, text=True).stdout
-
-
-def attack_command(run: Run, workdir: Path, raw: Path, eps: float, help_text: str, worst_of: list[str]) -> list[str]:
-    steps = "--pgd-steps" if "--pgd-steps" in help_text else "--steps-pgd"
-    attacks = ["pgd"] + ([a for a in worst_of if a != "pgd"] + ["worst"] if "worst" in help_text else [])
-    cmd = demo_helpers()[3]("nnunet-ima-attack") + [
+def attack_command(run: Run, workdir: Path, raw: Path, eps: float, worst_of: list[str]) -> list[str]:
+    attacks = ["pgd"] + [a for a in worst_of if a != "pgd"] + ["worst"]
+    return nnunet_command("nnunet-ima-attack") + [
         "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-p", PLANS, "-tr", run.trainer,
         "-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "--eps", f"{eps:g}",
-        "--attacks", *attacks, steps, "100", "-o", str(run.root(workdir) / "eval"), "--device", "cpu", "--quiet"]
-    if "--no-sanity" in help_text:
-        cmd.append("--no-sanity")
-    return cmd
-
-
-def read_rows(out: Path) -> list[dict]:
-    try:
-        from nnunet_ima_eval.report import read_table
-        return read_table(out)
-    except ImportError:
-        if not (out / "results.csv").is_file():
-            return []
-        with open(out / "results.csv", newline="") as fh:
-            return list(csv.DictReader(fh))
+        "--attacks", *attacks, "--pgd-steps", "100", "-o", str(run.root(workdir) / "eval"), "--device", "cpu",
+        "--quiet", "--no-sanity"]
 
 
 def adi_table(out: Path) -> dict:
     """{(attack, eps): mean-over-classes ADI} of one eval folder; clean under key ("clean", 0.0)."""
     table = {}
-    for row in read_rows(out):
+    for row in read_table(out):  # [] when the folder holds no results
         if row.get("class") != "mean" or row.get("adi") in (None, ""):
             continue
         eps, adi = float(row["eps"]), float(row["adi"])
@@ -286,7 +237,7 @@ def adi_table(out: Path) -> dict:
     return table
 
 
-def start_evaluation(run: Run, workdir: Path, raw: Path, args, help_text: str):
+def start_evaluation(run: Run, workdir: Path, raw: Path, args):
     """Start ``nnunet-ima-attack`` on a finished run in the background (it overlaps the next training);
     returns the process, or None when the eval folder already holds clean and PGD rows. The clean row
     is always computed; eps 0 is not passed (it would run a full PGD-100 at eps 0)."""
@@ -298,7 +249,7 @@ def start_evaluation(run: Run, workdir: Path, raw: Path, args, help_text: str):
     log = workdir / "logs" / f"eval_{run.name}.log"
     _say(f"evaluating {run.name}; log {log}")
     with open(log, "w") as fh:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(attack_command(run, workdir, raw, args.eps, help_text, args.worst_of), env=env,
+        return subprocess.Popen(attack_command(run, workdir, raw, args.eps, args.worst_of), env=env,
                                 stdout=fh, stderr=subprocess.STDOUT)
 
 
@@ -602,7 +553,7 @@ def dry_run(runs: list[Run], workdir: Path) -> None:
         print(f"{run.name:<24} {'done' if done else 'todo'}\n    {vars_} {' '.join(train_command(run))}")
 
 
-def process(runs: list[Run], workdir: Path, raw: Path, args, help_text: str, records: dict, not_done: list) -> None:
+def process(runs: list[Run], workdir: Path, raw: Path, args, records: dict, not_done: list) -> None:
     """Train (when allowed) each run in order, one training at a time; each finished run's evaluation
     runs in the background during the next training (at most one evaluation at a time)."""
     std_ckpt = fold_dir(Run("STD", STD), workdir) / "checkpoint_final.pth"
@@ -617,7 +568,7 @@ def process(runs: list[Run], workdir: Path, raw: Path, args, help_text: str, rec
             continue
         if evaluating:
             records[evaluating[0].name] = finish_evaluation(*evaluating, workdir, args.eps)
-        evaluating = (run, start_evaluation(run, workdir, raw, args, help_text))
+        evaluating = (run, start_evaluation(run, workdir, raw, args))
     if evaluating:
         records[evaluating[0].name] = finish_evaluation(*evaluating, workdir, args.eps)
 
@@ -631,15 +582,14 @@ def main(argv=None) -> int:
         dry_run(select(plan_runs(args.replicates, k_combo), args.only), workdir)
         return 0
     raw = prepare_data(workdir)
-    help_text = attack_help()
     records: dict = {}
     not_done: list = []
     process(select(plan_runs(args.replicates, ("mean", "correct"))[:n_first], args.only), workdir, raw, args,
-            help_text, records, not_done)
+            records, not_done)
     k_combo = resolve_k_combo(args, list(records.values()))
     _say(f"K sweep at {combo_name(*k_combo)}")
-    process(select(plan_runs(args.replicates, k_combo)[n_first:], args.only), workdir, raw, args, help_text,
-            records, not_done)
+    process(select(plan_runs(args.replicates, k_combo)[n_first:], args.only), workdir, raw, args, records,
+            not_done)
     report(workdir, list(records.values()), not_done, args, k_combo)
     return 0
 
