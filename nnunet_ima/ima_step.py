@@ -30,7 +30,7 @@ from .bpgd import VARIANTS, bpgd
 from .losses import LossFn, first
 from .margins import MarginStore
 from .norms import NORMS
-from .validation import batch_index
+from .validation import batch_index, keep_finite
 
 EXPAND_RULES = ("prediction", "no_crossing")
 ATTACK_SAMPLES = ("correct", "all")
@@ -170,9 +170,7 @@ def _attack(model, x, y, eps, rows, predicate, settings: IMAStepSettings, loss):
     res = bpgd(model, x[rows], batch_index(y, rows), eps[rows], norm=settings.norm, steps=settings.steps,
                search_steps=settings.search_steps, variant=settings.variant, is_correct=predicate, loss=loss,
                clip=settings.clip)
-    x_adv = res.x_adv.detach()
-    finite = res.valid & torch.isfinite(x_adv.flatten(1)).all(1) & torch.isfinite(res.distance)
-    x_adv = torch.where(finite.view(-1, *[1] * (x.dim() - 1)), x_adv, x[rows])
+    x_adv, finite = keep_finite(res.x_adv.detach(), x[rows], res.valid & torch.isfinite(res.distance))
     noisy = x.detach().clone()
     noisy[rows] = x_adv.to(x.dtype)
     return noisy, res.crossed.cpu(), res.distance.detach().double().cpu(), finite.cpu()

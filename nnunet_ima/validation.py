@@ -26,6 +26,16 @@ def on_finite_rows(fn, x: torch.Tensor, valid: torch.Tensor, *batched):
     return out
 
 
+def keep_finite(x_adv: torch.Tensor, x: torch.Tensor, finite: torch.Tensor | None = None):
+    """``x_adv`` with the clean ``x`` back in every row that is not finite (or not flagged in ``finite``
+    (B,), when given): returns (rows, finite (B,) bool). An attack that overflowed trains on x."""
+    ok = torch.isfinite(x_adv.flatten(1)).all(1)
+    ok = ok if finite is None else ok & finite
+    if not bool(ok.all()):
+        x_adv = torch.where(ok.view(-1, *[1] * (x.dim() - 1)), x_adv, x)
+    return x_adv, ok
+
+
 def batch_size(y) -> int:
     return batch_size(y[0]) if isinstance(y, (list, tuple)) else y.shape[0]  # deep supervision: scale 0
 

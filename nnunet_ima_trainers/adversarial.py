@@ -10,11 +10,11 @@ under the training autocast; the shared step then trains on (L_clean + L_noisy) 
 """
 from __future__ import annotations
 
-import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunet_ima import DicePredicate, MarginStore, pgd
 from nnunet_ima.ima_step import IMAStepSettings, IMAStepStats, ima_step
+from nnunet_ima.validation import keep_finite
 
 from .base import nnUNetTrainerSTD
 from .config import ConfigError
@@ -47,9 +47,7 @@ class nnUNetTrainerSAT(_AdversarialTrainer):
         with self.autocast():
             noisy = pgd(self.attack_module(), data, target, cfg.sat_eps, norm=cfg.norm, steps=cfg.k,
                         loss=self.attack_loss).detach()
-        finite = torch.isfinite(noisy.flatten(1)).all(1)
-        if not bool(finite.all()):
-            noisy = torch.where(finite.view(-1, *[1] * (data.dim() - 1)), noisy, data)
+        noisy, finite = keep_finite(noisy, data)
         n_ok = int(finite.sum())
         self.epoch_stats = self.epoch_stats + IMAStepStats(samples=len(finite), attacked=n_ok,
                                                            fell_back=len(finite) - n_ok)

@@ -43,8 +43,8 @@ class Ima(Method):
         c = self.cfg
         logits = model(x)
         l0 = cross_entropy(logits, y)  # per sample (B,), averaged over pixels for dense outputs
-        correct = self.predicate(logits.detach(), y)
         noisy, update = ima_step(model, x, y, ids, logits.detach(), self.predicate, self.store, self.settings)
+        correct = update.clean_correct.to(logits.device)  # the step's own clean check, not a second one
         l1, noisy_logits = l0, None
         if update.rows.numel():
             noisy_logits = model(noisy[update.rows])  # only the attacked rows: L1 <- L0 for the others
