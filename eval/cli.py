@@ -13,11 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from nnunet_ima import seg_attacks
 from nnunet_ima.plumbing import OneLineParser
 
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
-from .runner import STRONG_APGD_STEPS, SUITES, WORST, attack_registry
+from .runner import STRONG_APGD_STEPS, SUITES, WORST
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +99,7 @@ def _check_attacks(args) -> None:
     if args.suite and args.attacks:
         raise EvalError("--suite and --attacks: give one of them")
     names = SUITES[args.suite] if args.suite else (args.attacks or SUITES["paper"])
-    known = attack_registry()
+    known = seg_attacks.SEG_ATTACKS
     unknown = [a for a in names if a not in known and a != WORST]
     if unknown:
         raise EvalError(f"--attacks: unknown {', '.join(unknown)}; available: {', '.join([*known, WORST])}")

@@ -4,8 +4,7 @@ Data and model are loaded once per model; batches are built once and reused by e
 noise level. The attacks are the kernel's registry (:data:`nnunet_ima.seg_attacks.SEG_ATTACKS`: PGD
 with a random start, IFGSM without, SegPGD, CosPGD, APGD with several objectives), run in the
 network's input space (nnU-Net's z-scored, preprocessed images: eps is the L2 (or Linf) norm of the
-perturbation of one whole sample). Until that registry is installed, PGD and IFGSM come from
-:mod:`nnunet_ima.attacks`.
+perturbation of one whole sample).
 """
 from __future__ import annotations
 
@@ -33,17 +32,6 @@ PAPER_ATTACKS = ("pgd", "ifgsm")
 # so the paper's figure stands beside the strong one; "worst" takes each sample at its lowest Dice.
 STRONG_APGD_STEPS = 300  # --suite strong: the masked losses need many iterations (SEA runs APGD for hundreds)
 SUITES = {"paper": [*PAPER_ATTACKS], "strong": ["pgd", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js", WORST]}
-
-
-def attack_registry() -> dict:
-    """{name: fn(model, x, y, eps, *, norm, steps, loss=None, generator=None) -> x_adv}: the kernel's
-    :data:`nnunet_ima.seg_attacks.SEG_ATTACKS`."""
-    return dict(seg_attacks.SEG_ATTACKS)
-
-
-def sanity_tools() -> dict:
-    """The kernel's gradient-free baselines for the sanity checks: ``random_noise``, ``random_search``."""
-    return {"random_noise": seg_attacks.random_noise, "random_search": seg_attacks.random_search}
 
 
 @dataclass
@@ -132,7 +120,7 @@ class Evaluator:
         self.attacked = MaskedInput(model.network).eval()
         self.loss = attack_loss(model, settings.loss)
         self.ignore_label = model.label_manager.ignore_label
-        self.registry = attack_registry()
+        self.registry = dict(seg_attacks.SEG_ATTACKS)
 
     def _attack(self, attack: str, b: Batch, eps: float, steps: int | None, gen, custom=None) -> torch.Tensor:
         s = self.settings
@@ -141,10 +129,13 @@ class Evaluator:
             return custom(b, eps, gen)
         if attack == CLEAN or eps == 0:  # the 0-ball holds x alone: every attack returns x, so skip its steps
             return b.x
+        return self._registry_attack(attack, b, eps, n, gen)
+
+    def _registry_attack(self, attack: str, b: Batch, eps: float, steps: int, gen) -> torch.Tensor:
         if attack not in self.registry:
             raise ValueError(f"unknown attack {attack!r}; known: {', '.join(self.registry)}")
-        return self.registry[attack](self.attacked, b.x, b.y, eps, norm=s.norm, steps=n, loss=self.loss,
-                                     generator=gen)
+        return self.registry[attack](self.attacked, b.x, b.y, eps, norm=self.settings.norm, steps=steps,
+                                     loss=self.loss, generator=gen)
 
     def counts_of(self, b: Batch, x: torch.Tensor):
         """Predict ``x`` (a batch's clean or adversarial input): (pred (B, *S), tp, fp, fn) of foreground."""
@@ -193,7 +184,10 @@ class Evaluator:
         """The attack path at eps = 0 must reproduce the clean per-sample Dice exactly."""
         sub = self.batches[:n_batches]
         n = sum(len(b.refs) for b in sub)
-        at0 = self.run(attack, 0.0, steps=min(2, max(self.settings.steps(attack), 1)), batches=sub)
+        steps = min(2, max(self.settings.steps(attack), 1))
+        # through the attack itself: run()'s eps-0 short cut would compare clean with clean
+        at0 = self.run(attack, 0.0, batches=sub,
+                       custom=lambda b, eps, gen: self._registry_attack(attack, b, eps, steps, gen))
         ref = Counts(clean.counts.tp[:n], clean.counts.fp[:n], clean.counts.fn[:n], clean.counts.cases[:n])
         diff = float(np.max(np.abs(sample_dice(at0.counts) - sample_dice(ref)))) if n else 0.0
         ok = diff <= 1e-9
@@ -249,9 +243,8 @@ class Evaluator:
 
     def check_noise(self, eps: float, whitebox: Counts, n_samples: int = CHECK_SAMPLES, tol: float = 0.03) -> dict:
         """Random noise of the same norm must not lower the ADI more than the white-box attacks."""
-        tools = sanity_tools()
         sub, n = self._subset(n_samples)
-        fn = (lambda b, e, gen: tools["random_noise"](self.attacked, b.x, b.y, e, norm=self.settings.norm,
+        fn = (lambda b, e, gen: seg_attacks.random_noise(self.attacked, b.x, b.y, e, norm=self.settings.norm,
                                                       generator=gen))
         noise = self.run("noise", eps, batches=sub, custom=fn)
         a, b = self._adi(whitebox.head(n)), self._adi(noise.counts)
@@ -263,7 +256,6 @@ class Evaluator:
     def check_gradient_free(self, eps: float, whitebox: Counts, queries: int = 100, n_samples: int = CHECK_SAMPLES,
                             tol: float = 0.03) -> dict:
         """A gradient-free random search must not find lower Dice than the white-box attacks."""
-        tools = sanity_tools()
         sub, n = self._subset(n_samples)
 
         def fn(b, e, gen):
@@ -274,8 +266,8 @@ class Evaluator:
                 tp, fp, fn_ = tp_fp_fn(pred.argmax(1), gt, self.model.num_classes, ignore)
                 d = sample_dice(Counts(tp[:, 1:].cpu().numpy(), fp[:, 1:].cpu().numpy(), fn_[:, 1:].cpu().numpy()))
                 return -torch.as_tensor(d, device=pred.device, dtype=pred.dtype)
-            return tools["random_search"](self.attacked, b.x, b.y, e, norm=self.settings.norm, queries=queries,
-                                          score=score, generator=gen)
+            return seg_attacks.random_search(self.attacked, b.x, b.y, e, norm=self.settings.norm, queries=queries,
+                                             score=score, generator=gen)
 
         found = self.run("random_search", eps, batches=sub, custom=fn)
         a, b = self._adi(whitebox.head(n)), self._adi(found.counts)
