@@ -92,6 +92,7 @@ class IMAUpdate:
                  y_rows, crossed, distance, finite):
         self.store, self.ids, self.predicate, self.settings = store, ids, predicate, settings
         self.clean_correct, self.rows, self.y_rows = clean_correct, rows, y_rows
+        self.rows_cpu = rows.cpu()  # once: indexing the CPU bookkeeping must not sync the device each time
         self.crossed, self.distance, self.finite = crossed, distance, finite  # (B,) on the CPU
         self.done = False
 
@@ -102,7 +103,7 @@ class IMAUpdate:
         if self.done:
             raise RuntimeError("IMA step: finish() was already called for this batch")
         self.done = True
-        b, rows = len(self.ids), self.rows.cpu()
+        b, rows = len(self.ids), self.rows_cpu
         noisy_correct = torch.zeros(b, dtype=torch.bool)
         if rows.numel():
             noisy_correct[rows] = self._noisy_correct(noisy_output)
@@ -119,7 +120,7 @@ class IMAUpdate:
     def _noisy_correct(self, noisy_output) -> torch.Tensor:
         """g(z~) = y of the attacked rows (A,) on the CPU, by the settings' expand rule."""
         if self.settings.expand_rule == "no_crossing":
-            return ~self.crossed[self.rows.cpu()]
+            return ~self.crossed[self.rows_cpu]
         if noisy_output is None:
             raise ValueError("IMA step: expand_rule 'prediction' reads g(z~) = y off the noisy forward; "
                              "pass its output to finish()")
@@ -151,23 +152,24 @@ def ima_step(model, x: torch.Tensor, y, ids, clean_output, predicate, store: Mar
     y_full = first(y)
     clean_correct = predicate(first(clean_output).detach(), y_full).cpu().bool().reshape(-1)
     select = clean_correct if settings.attack_samples == "correct" else torch.ones(b, dtype=torch.bool)
-    rows = torch.nonzero(select).flatten().to(x.device)
+    rows_cpu = torch.nonzero(select).flatten()
+    rows = rows_cpu.to(x.device)
+    y_rows = batch_index(y, rows)  # the attacked rows' targets, sliced once (BPGD and the margin update)
     crossed = torch.zeros(b, dtype=torch.bool)
     distance = torch.zeros(b, dtype=torch.float64)
     finite = torch.ones(b, dtype=torch.bool)
     noisy = None
     if rows.numel():
-        noisy, crossed[rows.cpu()], distance[rows.cpu()], finite[rows.cpu()] = _attack(
-            model, x, y, eps, rows, predicate, settings, loss)
-    update = IMAUpdate(store, ids, predicate, settings, clean_correct, rows, batch_index(y_full, rows), crossed,
-                       distance, finite)
+        noisy, crossed[rows_cpu], distance[rows_cpu], finite[rows_cpu] = _attack(
+            model, x, y_rows, eps, rows, predicate, settings, loss)
+    update = IMAUpdate(store, ids, predicate, settings, clean_correct, rows, first(y_rows), crossed, distance, finite)
     return noisy, update
 
 
-def _attack(model, x, y, eps, rows, predicate, settings: IMAStepSettings, loss):
-    """BPGD on ``rows``; returns (noisy batch (B, ...), crossed, distance, finite), the last three (A,)
-    on the CPU. Rows whose result is non-finite get the clean sample back (finite False)."""
-    res = bpgd(model, x[rows], batch_index(y, rows), eps[rows], norm=settings.norm, steps=settings.steps,
+def _attack(model, x, y_rows, eps, rows, predicate, settings: IMAStepSettings, loss):
+    """BPGD on ``rows`` (``y_rows``: their targets); returns (noisy batch (B, ...), crossed, distance, finite),
+    the last three (A,) on the CPU. Rows whose result is non-finite get the clean sample back (finite False)."""
+    res = bpgd(model, x[rows], y_rows, eps[rows], norm=settings.norm, steps=settings.steps,
                search_steps=settings.search_steps, variant=settings.variant, is_correct=predicate, loss=loss,
                clip=settings.clip)
     x_adv, finite = keep_finite(res.x_adv.detach(), x[rows], res.valid & torch.isfinite(res.distance))

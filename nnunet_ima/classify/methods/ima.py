@@ -48,7 +48,7 @@ class Ima(Method):
         l1, noisy_logits = l0, None
         if update.rows.numel():
             noisy_logits = model(noisy[update.rows])  # only the attacked rows: L1 <- L0 for the others
-            l1 = l0.index_put((update.rows,), cross_entropy(noisy_logits, y[update.rows]))
+            l1 = l0.index_put((update.rows,), cross_entropy(noisy_logits, update.y_rows))
         if c.ima_loss == "mean":
             loss = ima_loss(l0, l1, correct)
         else:
