@@ -208,7 +208,7 @@ def prepare_dataset(args) -> Path:
         t0 = time.perf_counter()
         cases = synthetic_shapes(args.cases, shape=tuple(args.shape), seed=1)
         write_raw_dataset(env["nnUNet_raw"], 998, "Bench", cases, {"background": 0, "outer": 1, "core": 2})
-        plan_and_preprocess(998, ("2d",), env=env)
+        plan_and_preprocess(998, ("2d",), env=env, num_processes=min(8, os.cpu_count() or 1))
         print(f"dataset: {args.cases} cases {tuple(args.shape)}, planned + preprocessed in "
               f"{time.perf_counter() - t0:.0f} s")
     return plans_file
