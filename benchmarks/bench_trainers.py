@@ -67,7 +67,8 @@ def parse_args():
                    help="untimed warm-up iterations per trainer (default 1; 3 with --compile on)")
     p.add_argument("--shape", type=int, nargs=3, default=(16, 64, 64), help="generated case shape z y x")
     p.add_argument("--cases", type=int, default=6)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores on the CPU, 1 on CUDA as nnUNetv2_train)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: all cores on the CPU, 1 on CUDA as nnUNetv2_train)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: autocast + GradScaler, as nnU-Net")
     p.add_argument("--compile", default="off", choices=("on", "off"),
                    help="nnU-Net's torch.compile of the network (nnUNet_compile; CUDA only, nnU-Net never "

@@ -84,8 +84,9 @@ FULL = Sizes(cases=8, shape=(16, 64, 64), std_schedule=(4, 25), adv_schedule=(3,
              attack_samples="correct",
              bench=("--k", "20", "--n", "10", "--k-sweep", "5", "20", "--rounds", "1", "--iters", "3",
                     "--shape", "48", "256", "256", "--cases", "12"),
-             bench_on_training_data=False, attack_steps=20, attack_batch=32, attack_max_samples=None, attack_sanity=True,
-             budget=460, limits={"setup": (90, 60), "train": (120, 60), "bench": (100, 60), "attack": (75, 45),
+             bench_on_training_data=False, attack_steps=20, attack_batch=32, attack_max_samples=None,
+             attack_sanity=True, budget=460,
+             limits={"setup": (90, 60), "train": (120, 60), "bench": (100, 60), "attack": (75, 45),
                      "train_compile": (150, 0), "bench_compile": (150, 0), "case_scope": (45, 0)})
 QUICK = Sizes(cases=6, shape=(8, 32, 32), std_schedule=(1, 3), adv_schedule=(1, 2), val_iters=1, k=2, n=2,
               attack_samples="all",
@@ -149,12 +150,24 @@ class Job:
     result: dict = field(default_factory=dict)
 
 
+_LIVE: list[Job] = []  # jobs running now: stopped when this process is told to end (SIGTERM, Ctrl-C)
+
+
 def _start(job: Job) -> None:
     job.log.parent.mkdir(parents=True, exist_ok=True)
     with open(job.log, "w") as f:  # the child keeps its own copy of the descriptor
         job.proc = subprocess.Popen([str(c) for c in job.cmd], env=job.env, cwd=REPO, stdout=f,
                                     stderr=subprocess.STDOUT, start_new_session=True)
     job.t0 = time.monotonic()
+    _LIVE.append(job)
+
+
+def _end_live_jobs(signum=None, frame=None) -> None:
+    """Stop every running job (their own process groups: nothing is left running on the machine)."""
+    while _LIVE:
+        _stop(_LIVE.pop().proc)
+    if signum is not None:
+        raise SystemExit(128 + signum)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -189,12 +202,14 @@ def run_jobs(jobs: list[Job], deadline: float, on_done) -> None:
             running.append(job)
         for job in [j for j in running if j.proc.poll() is not None]:
             running.remove(job)
+            _LIVE.remove(job)
             rc = job.proc.returncode
             job.result = {"status": "ok" if rc == 0 else "failed", "rc": rc, "seconds": time.monotonic() - job.t0}
             on_done(job)
         if time.monotonic() > deadline and running:
             for job in running:
                 _stop(job.proc)
+                _LIVE.remove(job)
                 job.result = {"status": "timeout", "rc": None, "seconds": time.monotonic() - job.t0,
                               "reason": "stopped at the part's time limit"}
                 on_done(job)
@@ -280,6 +295,18 @@ def margins_in_checkpoint(path: Path) -> dict:
             "in_range": bool(((m >= 0) & (m <= store.eps_max + 1e-9)).all())}
 
 
+def margin_checks(fold: Path, last_epoch: dict) -> tuple[dict, list]:
+    """IMA's saved margins and their checks against the last epoch's log line."""
+    saved = margins_in_checkpoint(fold / "checkpoint_final.pth")
+    logged = last_epoch.get("margins", {})
+    mean = logged.get("mean", math.inf)
+    return saved, [{"check": "margins saved: finite, in [0, eps_max]", "ok": saved["finite"] and saved["in_range"]},
+                   {"check": "margins saved: as many as the last epoch logged", "ok": saved["n"] == logged.get("n")},
+                   {"check": "margins saved: the mean the last epoch logged (4 digits)",
+                    "ok": abs(saved["mean"] - mean) <= 5e-4 * max(1.0, abs(mean))},
+                   {"check": "margins.png written", "ok": (fold / "margins.png").is_file()}]
+
+
 def summarize_run(fold: Path, trainer: str, schedule: tuple, batch: int, attack_samples: str) -> dict:
     """Everything a training run left in its fold folder, with the checks that must hold."""
     logs = sorted(fold.glob("training_log_*.txt"))
@@ -300,15 +327,8 @@ def summarize_run(fold: Path, trainer: str, schedule: tuple, batch: int, attack_
     if summary.is_file():
         out["val_dice"] = json.loads(summary.read_text())["foreground_mean"]["Dice"]
     if trainer == "nnUNetTrainerIMA" and (fold / "checkpoint_final.pth").is_file():
-        out["margins"] = margins_in_checkpoint(fold / "checkpoint_final.pth")
-        last = done[-1].get("margins", {}) if done else {}
-        checks += [{"check": "margins saved: finite, in [0, eps_max]",
-                    "ok": out["margins"]["finite"] and out["margins"]["in_range"]},
-                   {"check": "margins saved: as many as the last epoch logged",
-                    "ok": out["margins"]["n"] == last.get("n", -1)},
-                   {"check": "margins saved: the mean the last epoch logged (4 digits)",
-                    "ok": abs(out["margins"]["mean"] - last.get("mean", math.inf)) <= 5e-4 * max(1.0, last.get("mean", 1))},
-                   {"check": "margins.png written", "ok": (fold / "margins.png").is_file()}]
+        out["margins"], more = margin_checks(fold, done[-1] if done else {})
+        checks += more
     out["checks"] = checks
     return out
 
@@ -350,8 +370,9 @@ def base_env(work: Path, device: str) -> dict:
     from nnunet_ima_trainers import ext_trainer_path
 
     env = {k: v for k, v in nnunet_env(work).items() if not k.startswith("NNUNET_IMA_")}
+    gpu = device == "cuda"
     env.update(nnUNet_extTrainer=ext_trainer_path(os.environ.get("nnUNet_extTrainer")), nnUNet_compile="false",
-               nnUNet_def_n_proc="2" if device == "cuda" else "1", nnUNet_n_proc_DA="4" if device == "cuda" else "0", PYTHONUNBUFFERED="1",
+               nnUNet_def_n_proc="2" if gpu else "1", nnUNet_n_proc_DA="4" if gpu else "0", PYTHONUNBUFFERED="1",
                MPLBACKEND="Agg", OMP_WAIT_POLICY="PASSIVE")
     return env
 
@@ -578,7 +599,8 @@ def bench_numbers(numbers: dict) -> dict:
            "peak_mib": {k: v["peak_total_bytes"] / 2**20 for k, v in per.items()},
            "ima_over_floor": numbers["ima_over_floor_wall"], "ima_memory_ratio": numbers["ima_memory_ratio"],
            "k_sweep": {k: {"s_per_iter": v["wall_s"], "ima_over_floor": v["ima_over_floor_wall"],
-                           "ima_over_nnunet": v["ima_over_nnunet_wall"]} for k, v in numbers.get("k_sweep", {}).items()}}
+                           "ima_over_nnunet": v["ima_over_nnunet_wall"]}
+                       for k, v in numbers.get("k_sweep", {}).items()}}
     out.update({k: numbers[k] for k in ("k", "n", "patch", "batch", "parameters_m", "gpu", "compile", "iters")
                 if k in numbers})
     return out
@@ -757,7 +779,8 @@ def md_attack(rec: dict) -> list[str]:
     out = [f"{rec.get('attack')}; batched: --batch-size {rec['batched']['batch_size']}, peak "
            f"{_f(rec['batched'].get('peak_mib'), '.0f')} MiB; one at a time: peak "
            f"{_f(rec.get('one_at_a_time', {}).get('peak_mib'), '.0f')} MiB", "",
-           "| model | slices | batched slices/s | one at a time slices/s | speed-up | ADI |", "|---|---|---|---|---|---|"]
+           "| model | slices | batched slices/s | one at a time slices/s | speed-up | ADI |",
+           "|---|---|---|---|---|---|"]
     for m, v in many.items():
         single = one.get(m, {}).get("slices_per_s")
         out.append(f"| {m} | {v['n_samples']} | {v['slices_per_s']:.1f} | {_f(single, '.1f')} | "
@@ -785,7 +808,8 @@ def markdown(data: dict) -> str:
     env = parts.get("setup", {}).get("environment", {})
     title = env.get("gpu") or f"{meta['device']} (no GPU: none of these figures is a GPU figure)"
     lines = [f"# GPU check (benchmarks/gpu_check.py): {title}", "",
-             f"Started {meta['started']}, {meta.get('elapsed_s')} s of a {meta['budget']} s budget; `{meta['command']}`",
+             f"Started {meta['started']}, {meta.get('elapsed_s')} s of a {meta['budget']} s budget; "
+             f"`{meta['command']}`",
              "", f"torch {env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}), Python "
                  f"{env.get('python')}, {env.get('cpus')} CPUs, driver {env.get('driver', '-')}; packages: "
                  + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()), "",
@@ -887,8 +911,9 @@ def check_args(p, args) -> None:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} is a file: give a folder")
     pre = args.preprocessed
-    if pre and not (re.fullmatch(r"Dataset\d+_.+", Path(pre).resolve().name) and (Path(pre) / "nnUNetPlans.json").is_file()):
-        p.error(f"--preprocessed {pre}: expected an nnUNet_preprocessed/DatasetXXX_Name folder holding nnUNetPlans.json")
+    named = pre and re.fullmatch(r"Dataset\d+_.+", Path(pre).resolve().name)
+    if pre and not (named and (Path(pre) / "nnUNetPlans.json").is_file()):
+        p.error(f"--preprocessed {pre}: expected an nnUNet_preprocessed/DatasetXXX_Name folder with nnUNetPlans.json")
     if args.device == "cuda":
         import torch
 
@@ -908,7 +933,16 @@ def main(argv=None) -> int:
     report = Report(Path(args.out).resolve(), meta)
     report.say(f"work folder {work}; report in {report.out}; budget {args.budget:.0f} s")
     ctx = Ctx(args, sizes, work, report, base_env(work, args.device))
-    run_parts(ctx)
+    signal.signal(signal.SIGTERM, _end_live_jobs)
+    try:
+        run_parts(ctx)
+    except BaseException:  # SIGTERM, Ctrl-C: no job left running, the report says where it stopped
+        _end_live_jobs()
+        for rec in report.data["parts"].values():
+            if rec.get("status") == "running":
+                rec.update(status="interrupted", reason="gpu_check.py was stopped")
+        report.save()
+        raise
     parts = report.data["parts"]
     for status in ("measured", "skipped", "failed", "timeout"):
         names = [f"{n}" + (f" ({r['reason']})" if status != "measured" else "") for n, r in parts.items()
