@@ -85,7 +85,7 @@ FULL = Sizes(cases=8, shape=(16, 64, 64), std_schedule=(4, 25), adv_schedule=(3,
              bench=("--k", "20", "--n", "10", "--k-sweep", "5", "20", "--rounds", "1", "--iters", "3",
                     "--shape", "48", "256", "256", "--cases", "12"),
              bench_on_training_data=False, attack_steps=20, attack_batch=32, attack_max_samples=None,
-             attack_sanity=True, budget=460,
+             attack_sanity=True, budget=480,
              limits={"setup": (90, 60), "train": (120, 60), "bench": (100, 60), "attack": (75, 45),
                      "train_compile": (150, 0), "bench_compile": (150, 0), "case_scope": (45, 0)})
 QUICK = Sizes(cases=6, shape=(8, 32, 32), std_schedule=(1, 3), adv_schedule=(1, 2), val_iters=1, k=2, n=2,
@@ -171,17 +171,17 @@ def _end_live_jobs(signum=None, frame=None) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the job's whole process group (nnU-Net's augmentation and export workers too)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    """End the job's whole process group: SIGTERM, up to 10 s for the command to end, then SIGKILL for
+    whatever is left of the group (nnU-Net's augmentation workers outlive a parent that is killed)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
-            proc.wait(wait)
-            return
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def run_jobs(jobs: list[Job], deadline: float, on_done) -> None:
@@ -191,6 +191,9 @@ def run_jobs(jobs: list[Job], deadline: float, on_done) -> None:
     pending, running = list(jobs), []
     by_name = {j.name: j for j in jobs}
     while pending or running:
+        if time.monotonic() > deadline:
+            _time_out(running, pending, on_done)
+            return
         for job in [j for j in pending if all(by_name[a].result for a in j.after)]:
             pending.remove(job)
             bad = [a for a in job.after if by_name[a].result["status"] != "ok"]
@@ -206,18 +209,19 @@ def run_jobs(jobs: list[Job], deadline: float, on_done) -> None:
             rc = job.proc.returncode
             job.result = {"status": "ok" if rc == 0 else "failed", "rc": rc, "seconds": time.monotonic() - job.t0}
             on_done(job)
-        if time.monotonic() > deadline and running:
-            for job in running:
-                _stop(job.proc)
-                _LIVE.remove(job)
-                job.result = {"status": "timeout", "rc": None, "seconds": time.monotonic() - job.t0,
-                              "reason": "stopped at the part's time limit"}
-                on_done(job)
-            for job in pending:
-                job.result = {"status": "skipped", "reason": "the part's time limit came first"}
-                on_done(job)
-            return
         time.sleep(0.2)
+
+
+def _time_out(running: list[Job], pending: list[Job], on_done) -> None:
+    for job in running:
+        _stop(job.proc)
+        _LIVE.remove(job)
+        job.result = {"status": "timeout", "rc": None, "seconds": time.monotonic() - job.t0,
+                      "reason": "stopped at the part's time limit"}
+        on_done(job)
+    for job in pending:
+        job.result = {"status": "skipped", "reason": "the part's time limit came first"}
+        on_done(job)
 
 
 def log_tail(path: Path, lines: int = 12) -> str:
@@ -575,13 +579,18 @@ def part_train(ctx: Ctx, rec: dict, compiled: bool) -> None:
     if compiled and ctx.args.device == "cpu":
         raise Skip(NO_COMPILE_ON_CPU)
     results = ctx.work / ("results_compile" if compiled else "results")
-    rec.update(compile=compiled, concurrent="SAT and IMA run at the same time on one device", runs={})
+    jobs = [training_job(ctx, t, compiled, results) for t in ctx.args.trainers]
+    rec.update(compile=compiled, runs={}, schedule={
+        j.name: {"epochs": j.env["NNUNET_IMA_EPOCHS"], "iterations": j.env["NNUNET_IMA_ITERS"], "after": list(j.after),
+                 "init_weights": j.env.get("NNUNET_IMA_INIT_WEIGHTS")} for j in jobs})
+    rec["note"] = ("runs that do not wait for another run share the device: their seconds are not those of a run "
+                   "alone (bench has those)")
 
     def done(job):
         rec["runs"][job.name] = record_run(ctx, job, compiled, results)
         ctx.report.save()
 
-    run_jobs([training_job(ctx, t, compiled, results) for t in ctx.args.trainers], ctx.deadline, done)
+    run_jobs(jobs, ctx.deadline, done)
     bad = {n: r["status"] for n, r in rec["runs"].items() if r["status"] != "ok"}
     if bad:
         err = PartTimeout if "timeout" in bad.values() else PartError
@@ -751,7 +760,10 @@ def md_train(rec: dict) -> list[str]:
                    f"{r.get('epochs_planned', '-')} | {_f(sum(e) / len(e) if e else None, '.2f')} | {_f(loss, '.4f')} "
                    f"| {_f(r.get('val_dice'), '.3f')} | {counts} | {margins} |")
     bad = [f"{n}: {c['check']}" for n, r in rec.get("runs", {}).items() for c in r.get("checks", []) if not c["ok"]]
-    return out + [""] + ([f"failed checks: {'; '.join(bad)}"] if bad else ["every count and file check passed"])
+    after = {n: v["after"] for n, v in rec.get("schedule", {}).items() if v["after"]}
+    return out + ["", (f"failed checks: {'; '.join(bad)}" if bad else "every count and file check passed")
+                  + f"; {', '.join(f'{n} after {a[0]}' for n, a in after.items()) or 'all runs at once'}: "
+                  + rec.get("note", "")]
 
 
 def md_bench(rec: dict) -> list[str]:
@@ -887,7 +899,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a smoke run, with --quick")
     p.add_argument("-o", "--out", required=True, help="report folder: gpu_check.json, gpu_check.md, gpu_check.log")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run, or a one-minute GPU run)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default: 460; 1500 "
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole check (default: 480; 1500 "
                                                               "with --quick)")
     p.add_argument("--workdir", default=None, help="work folder (datasets, models, logs; default: a new "
                                                    "temporary folder)")
