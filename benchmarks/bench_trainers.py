@@ -34,11 +34,14 @@ What is measured
   does), i.e. activations, gradients and temporaries on top of model + optimizer state.
   tracemalloc is not used: it only sees Python's allocator, not torch's buffers.
   On CUDA: torch.cuda.max_memory_allocated() minus the allocation before the step.
-* CUDA: the trainers run as nnU-Net runs them there (autocast + GradScaler); ``--compile on`` sets
-  nnUNet_compile=true, so the network of all three trainers is compiled (3 untimed warm-up steps)
-  while IMA's and SAT's attacks run on the uncompiled module (``attack_module``; their batch size
-  changes every iteration). The floor's bare attack steps run under autocast on the standard
-  trainer's (compiled, with --compile on) network.
+* CUDA: the trainers run as ``nnUNetv2_train -device cuda`` runs them (autocast + GradScaler,
+  ``cudnn.benchmark = True``, one CPU thread); ``--compile on`` sets nnUNet_compile=true, so the
+  network of all three trainers is compiled (3 untimed warm-up steps) while IMA's and SAT's attacks
+  run on the uncompiled module (``attack_module``; their batch size changes every iteration). The
+  floor's bare attack steps and forwards run under autocast on that same uncompiled module (the one
+  IMA's attacks use), so IMA / floor compares like with like under either setting; the standard step
+  in the floor is nnU-Net's own (compiled with --compile on). Every CUDA timing is bracketed by
+  ``torch.cuda.synchronize()``.
 """
 from __future__ import annotations
 
@@ -64,7 +67,8 @@ def parse_args():
                    help="untimed warm-up iterations per trainer (default 1; 3 with --compile on)")
     p.add_argument("--shape", type=int, nargs=3, default=(16, 64, 64), help="generated case shape z y x")
     p.add_argument("--cases", type=int, default=6)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: all cores on the CPU, 1 on CUDA as nnUNetv2_train)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cuda: autocast + GradScaler, as nnU-Net")
     p.add_argument("--compile", default="off", choices=("on", "off"),
                    help="nnU-Net's torch.compile of the network (nnUNet_compile; CUDA only, nnU-Net never "
@@ -128,11 +132,13 @@ class RSSPeak:
 
 
 def measure(fn, device, repeats: int, prepare=None):
-    """(mean wall seconds, mean process CPU seconds, max peak memory increase in bytes) of ``fn()``;
-    ``prepare()`` runs before each call, outside the measurement."""
+    """(mean wall seconds, mean process CPU seconds, max peak memory increase in bytes, max peak in
+    bytes) of ``fn()``; ``prepare()`` runs before each call, outside the measurement. Peak on CUDA:
+    ``torch.cuda.max_memory_allocated()`` (increase: over the allocation before the call); on the CPU:
+    the resident set size."""
     import torch
 
-    walls, cpus, peaks = [], [], []
+    walls, cpus, peaks, tops = [], [], [], []
     for _ in range(repeats):
         if prepare:
             prepare()
@@ -145,7 +151,8 @@ def measure(fn, device, repeats: int, prepare=None):
             torch.cuda.synchronize()
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
-            peaks.append(torch.cuda.max_memory_allocated() - base)
+            tops.append(torch.cuda.max_memory_allocated())
+            peaks.append(tops[-1] - base)
         else:
             base = RSSPeak.rss()
             with RSSPeak() as s:
@@ -154,7 +161,8 @@ def measure(fn, device, repeats: int, prepare=None):
                 walls.append(time.perf_counter() - t0)
                 cpus.append(time.process_time() - c0)
             peaks.append(s.peak - base)
-    return sum(walls) / len(walls), sum(cpus) / len(cpus), max(peaks)
+            tops.append(s.peak)
+    return sum(walls) / len(walls), sum(cpus) / len(cpus), max(peaks), max(tops)
 
 
 class WorstCasePredicate:
@@ -201,7 +209,7 @@ def prepare_dataset(args) -> Path:
         t0 = time.perf_counter()
         cases = synthetic_shapes(args.cases, shape=tuple(args.shape), seed=1)
         write_raw_dataset(env["nnUNet_raw"], 998, "Bench", cases, {"background": 0, "outer": 1, "core": 2})
-        plan_and_preprocess(998, ("2d",), env=env)
+        plan_and_preprocess(998, ("2d",), env=env, num_processes=min(8, os.cpu_count() or 1))
         print(f"dataset: {args.cases} cases {tuple(args.shape)}, planned + preprocessed in "
               f"{time.perf_counter() - t0:.0f} s")
     return plans_file
@@ -239,11 +247,12 @@ def time_steps(trainer, weights, batches, args, device, before=None):
 
 def measure_floor(std, weights, batch, args, device) -> dict:
     """One bare attack step (forward + backward to the input with frozen weights + the L2 step
-    arithmetic, under autocast on CUDA) and one no_grad forward, on the standard trainer's network."""
+    arithmetic, under autocast on CUDA) and one no_grad forward, on the standard trainer's network
+    without the torch.compile wrapper (the module IMA's attacks run on)."""
     import torch
 
-    net, loss_fn = std.network, std.loss
-    net.load_state_dict(weights)
+    std.network.load_state_dict(weights)
+    net, loss_fn = getattr(std.network, "_orig_mod", std.network), std.loss  # what IMA's attacks run on
     x = batch["data"].to(device)
     y = [t.to(device) for t in batch["target"]]
 
@@ -275,26 +284,48 @@ def measure_floor(std, weights, batch, args, device) -> dict:
     return {"attack": measure(attack_step, device, reps), "forward": measure(forward, device, reps)}
 
 
+def floor_of(step, parts: dict, k: int, n: int) -> list:
+    """[wall, CPU] seconds of the floor: one standard step + ``k`` attack steps + ``n`` forwards."""
+    return [step[i] + k * parts["attack"][i] + n * parts["forward"][i] for i in (0, 1)]
+
+
 def report(results: dict, parts: dict, args, threads: int) -> dict:
     """Print the table; return the numbers (for --json)."""
     step = results["nnUNetTrainer"]
-    floor = [step[i] + args.k * parts["attack"][i] + args.n * parts["forward"][i] for i in (0, 1)]
+    floor = floor_of(step, parts, args.k, args.n)
     print(f"\nper iteration (mean of {args.iters}): wall s, process CPU s ({threads} threads; less "
-          "disturbed by other load), peak memory increase (max):")
-    for name, (w, c, m) in results.items():
-        print(f"  {name:<18} {w:8.3f} s wall {c:8.3f} s CPU {m / 2**20:8.1f} MiB   "
+          "disturbed by other load), peak memory increase (max) and peak:")
+    for name, (w, c, m, top) in results.items():
+        print(f"  {name:<18} {w:8.3f} s wall {c:8.3f} s CPU {m / 2**20:8.1f} MiB (peak {top / 2**20:.0f} MiB)  "
               f"(x{w / step[0]:.2f} wall, x{c / step[1]:.2f} CPU, x{m / step[2]:.2f} memory)")
     for i, kind in ((0, "wall"), (1, "CPU")):
         print(f"floor ({kind}): standard step {step[i]:.3f} s + K={args.k} x attack step "
               f"{parts['attack'][i]:.3f} s + N={args.n} x forward {parts['forward'][i]:.3f} s = {floor[i]:.3f} s")
-    ratios = [results["nnUNetTrainerIMA"][i] / floor[i] for i in (0, 1)]
-    mem = results["nnUNetTrainerIMA"][2] / step[2]
+    ima = results["nnUNetTrainerIMA"]
+    ratios = [ima[i] / floor[i] for i in (0, 1)]
+    mem = ima[2] / step[2]
     print(f"IMA / floor = {ratios[0]:.3f} wall, {ratios[1]:.3f} CPU  (target <= 1.2: "
           f"{'met' if max(ratios) <= 1.2 else 'NOT met'})")
     print(f"IMA peak memory increase / standard = {mem:.2f}  (target <= 1.5: {'met' if mem <= 1.5 else 'NOT met'})")
-    return {"per_iteration": {k: {"wall_s": v[0], "cpu_s": v[1], "peak_bytes": v[2]} for k, v in results.items()},
+    return {"per_iteration": {k: {"wall_s": v[0], "cpu_s": v[1], "peak_bytes": v[2], "peak_total_bytes": v[3]}
+                              for k, v in results.items()},
+            "floor_parts": {k: {"wall_s": v[0], "cpu_s": v[1]} for k, v in parts.items()},
             "floor_wall_s": floor[0], "floor_cpu_s": floor[1], "ima_over_floor_wall": ratios[0],
-            "ima_over_floor_cpu": ratios[1], "ima_memory_ratio": mem}
+            "ima_over_floor_cpu": ratios[1], "ima_memory_ratio": mem,
+            "ima_over_nnunet_wall": ima[0] / step[0], "ima_over_nnunet_cpu": ima[1] / step[1]}
+
+
+def sweep_numbers(best: dict, step, parts: dict, args) -> dict:
+    """Per K of the sweep: seconds, the floor at that K (same N) and IMA / floor, IMA / nnUNetTrainer."""
+    out = {}
+    for k, (w, c) in sorted(best.items()):
+        floor = floor_of(step, parts, k, args.n)
+        out[str(k)] = {"wall_s": w, "cpu_s": c, "floor_wall_s": floor[0], "floor_cpu_s": floor[1],
+                       "ima_over_floor_wall": w / floor[0], "ima_over_floor_cpu": c / floor[1],
+                       "ima_over_nnunet_wall": w / step[0], "ima_over_nnunet_cpu": c / step[1]}
+        print(f"  K={k:<3} IMA / floor {w / floor[0]:.3f} wall, {c / floor[1]:.3f} CPU; IMA / nnUNetTrainer "
+              f"{w / step[0]:.2f} wall")
+    return out
 
 
 def k_sweep(ima, weights, batches, args, device) -> dict:
@@ -308,7 +339,7 @@ def k_sweep(ima, weights, batches, args, device) -> dict:
     for _ in range(args.rounds):
         for k in args.k_sweep:
             ima.step_settings = dataclasses.replace(settings, steps=k)
-            w, c, _m = time_steps(ima, weights, batches, args, device, before=ima.predicate.reset)
+            w, c = time_steps(ima, weights, batches, args, device, before=ima.predicate.reset)[:2]
             old = best.get(k, (float("inf"), float("inf")))
             best[k] = (min(old[0], w), min(old[1], c))
     ima.step_settings = settings
@@ -334,8 +365,10 @@ def main():
 
     from nnunet_ima_trainers import nnUNetTrainerIMA, nnUNetTrainerSAT
 
-    torch.set_num_threads(args.threads or os.cpu_count())
     device = torch.device(args.device)
+    if device.type == "cuda":  # as nnUNetv2_train -device cuda (nnunetv2.run.run_training)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    torch.set_num_threads(args.threads or (1 if device.type == "cuda" else os.cpu_count()))
     std, sat, ima = (build(cls, plans_file, device) for cls in (nnUNetTrainer, nnUNetTrainerSAT, nnUNetTrainerIMA))
     weights = copy.deepcopy(std.network.state_dict())
     batches = [next(ima.dataloader_train) for _ in range(args.iters + args.warmup)]  # keys: case/slice_k
@@ -349,13 +382,15 @@ def main():
     results["nnUNetTrainerSAT"] = time_steps(sat, weights, batches, args, device)
     ima.predicate = WorstCasePredicate(ima.predicate)
     results["nnUNetTrainerIMA"] = time_steps(ima, weights, batches, args, device, before=ima.predicate.reset)
-    numbers = report(results, measure_floor(std, weights, batches[0], args, device), args, torch.get_num_threads())
+    parts = measure_floor(std, weights, batches[0], args, device)
+    numbers = report(results, parts, args, torch.get_num_threads())
     if args.k_sweep:
-        numbers["k_sweep"] = {str(k): {"wall_s": w, "cpu_s": c}
-                              for k, (w, c) in k_sweep(ima, weights, batches, args, device).items()}
+        best = k_sweep(ima, weights, batches, args, device)
+        numbers["k_sweep"] = sweep_numbers(best, results["nnUNetTrainer"], parts, args)
     if args.json:
         numbers.update(device=str(device), gpu=gpu, compile=args.compile, k=args.k, n=args.n,
-                       patch=list(b.shape[2:]), batch=int(b.shape[0]), plans=str(plans_file))
+                       patch=list(b.shape[2:]), batch=int(b.shape[0]), plans=str(plans_file),
+                       parameters_m=params, iters=args.iters, warmup=args.warmup, torch=torch.__version__)
         Path(args.json).write_text(json.dumps(numbers, indent=1))
 
 
