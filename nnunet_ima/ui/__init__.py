@@ -5,7 +5,8 @@ headless figures (:mod:`.plots`).
 
 Layers (ARCHITECTURE.md): kernel (``nnunet_ima`` top-level modules) < ``nnunet_ima.ui`` < front ends
 (``nnunet_ima.classify``, ``nnunet_ima_trainers``, ``nnunet_ima_eval``) < app (the demo). This package
-imports only the kernel, the standard library and (lazily) torch and matplotlib.
+imports nothing of the project but (at most) the kernel; besides the standard library, numpy and,
+lazily, torch and matplotlib.
 """
 from .args import DEVICES, DeprecatedAlias, OneLineParser, SpaceList, check_device, default_device, eps_value, \
     resolve_device
