@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ima.plumbing import atomic_write, atomic_write_text, pyplot, to_plain
+from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
+from nnunet_ima.ui import pyplot
 
 from .metrics import MEAN, Counts
 

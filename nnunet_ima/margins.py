@@ -10,6 +10,11 @@ The segmentation rule of the papers ("re-initialise" replaced by "shrink") is th
 
 Keys are integers or strings (e.g. "case_017/slice_42"); unseen keys start at delta. Updates are
 batched; when one key occurs several times in a batch, its last occurrence wins.
+
+This module holds the storage and the rules; the summary and histogram are in
+:mod:`nnunet_ima.margin_report`, the merge across torch.distributed ranks in
+:mod:`nnunet_ima.margin_merge` (``MarginStore`` keeps one-line methods for both), and the PNG in
+:func:`nnunet_ima.ui.plot_margin_histogram`.
 """
 from __future__ import annotations
 
@@ -19,39 +24,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from . import margin_merge, margin_report
+
 ON_CLEAN_WRONG = ("shrink", "reinit")
 SHRINK = ("average", "replace")
 CLIP_MIN = ("zero", "delta")
+RULES = {"on_clean_wrong": ON_CLEAN_WRONG, "shrink": SHRINK, "clip_min": CLIP_MIN}
 
 
-class MarginStore:
-    """Estimated margins E(i) keyed by sample id.
+class MarginTable:
+    """The storage of :class:`MarginStore`: one float64 margin per sample id (int or str), in the
+    order the ids were first seen; new ids start at ``delta``. Tracks which entries were updated
+    since the last merge across ranks (:mod:`nnunet_ima.margin_merge`)."""
 
-    >>> store = MarginStore(delta=2.0, eps_max=15.0)
-    >>> eps = store.get(ids)                                  # (B,) float32, new ids -> delta
-    >>> store.update(ids, clean_correct, noisy_correct, distance)
-    >>> torch.save(store.state_dict(), path)                  # plain tensors/lists/strings
-    """
+    def __init__(self, delta: float):
+        self.delta = float(delta)
+        self._set_table([], torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.bool))
 
-    def __init__(self, delta: float, eps_max: float, *, on_clean_wrong: str = "shrink", shrink: str = "average",
-                 clip_min: str = "zero"):
-        if not (math.isfinite(eps_max) and eps_max > 0):
-            raise ValueError(f"eps_max must be > 0, got {eps_max}")
-        if not (math.isfinite(delta) and 0 < delta <= eps_max):
-            raise ValueError(f"delta must be in (0, eps_max={eps_max}], got {delta}")
-        for name, value, allowed in (("on_clean_wrong", on_clean_wrong, ON_CLEAN_WRONG), ("shrink", shrink, SHRINK),
-                                     ("clip_min", clip_min, CLIP_MIN)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        self.delta, self.eps_max = float(delta), float(eps_max)
-        self.on_clean_wrong, self.shrink, self.clip_min = on_clean_wrong, shrink, clip_min
-        self._index: dict = {}
-        self._keys: list = []
-        self._margins = torch.empty(0, dtype=torch.float64)
-        self._dirty = torch.empty(0, dtype=torch.bool)  # updated since the last merge
-        self.reset_counters()
+    def _set_table(self, keys: list, margins: torch.Tensor, dirty: torch.Tensor) -> None:
+        """Replace every entry: ``keys`` in order, their float64 margins, and which were updated since
+        the last merge."""
+        self._keys = list(keys)
+        self._index = {k: i for i, k in enumerate(self._keys)}
+        self._margins, self._dirty = margins, dirty
 
-    # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:
         return len(self._keys)
 
@@ -83,16 +79,39 @@ class MarginStore:
         rows = self._rows(ids)  # first: registering new ids replaces self._margins
         return self._margins[rows].to(device=device, dtype=torch.float32)
 
-    def set(self, ids: Sequence, values) -> None:
-        """Set the margins of ``ids`` directly (clipped to [0, eps_max]); e.g. to warm-start a store."""
-        rows = self._rows(ids)
-        v = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
-        if v.numel() != rows.numel():
-            raise ValueError(f"values: expected {rows.numel()} values, got {v.numel()}")
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError("values: margins must be finite")
-        self._margins[rows] = v.clamp(0.0, self.eps_max)
-        self._dirty[rows] = True
+    def updated_entries(self) -> tuple[list, list]:
+        """(keys, margins) of the entries updated since the last merge."""
+        mine = torch.nonzero(self._dirty).flatten()
+        return [self._keys[i] for i in mine.tolist()], self._margins[mine].tolist()
+
+    def adopt(self, order: list, values: dict) -> None:
+        """Set ``values`` ({key: margin}), register the keys of ``order`` not seen yet (at delta) and
+        put every entry in the order of ``order`` (all keys of this store and the new ones); nothing
+        counts as updated afterwards. The last step of a merge."""
+        self._rows(order)
+        if values:
+            rows = torch.tensor([self._index[k] for k in values], dtype=torch.long)
+            self._margins[rows] = torch.tensor(list(values.values()), dtype=torch.float64)
+        perm = torch.tensor([self._index[k] for k in order], dtype=torch.long)
+        self._set_table(order, self._margins[perm], torch.zeros(len(order), dtype=torch.bool))
+
+
+class MarginStore(MarginTable):
+    """Estimated margins E(i) keyed by sample id, with Algorithm 1's update rules.
+
+    >>> store = MarginStore(delta=2.0, eps_max=15.0)
+    >>> eps = store.get(ids)                                  # (B,) float32, new ids -> delta
+    >>> store.update(ids, clean_correct, noisy_correct, distance)
+    >>> torch.save(store.state_dict(), path)                  # plain tensors/lists/strings
+    """
+
+    def __init__(self, delta: float, eps_max: float, *, on_clean_wrong: str = "shrink", shrink: str = "average",
+                 clip_min: str = "zero"):
+        check_rules(delta, eps_max, on_clean_wrong=on_clean_wrong, shrink=shrink, clip_min=clip_min)
+        super().__init__(delta)
+        self.eps_max = float(eps_max)
+        self.on_clean_wrong, self.shrink, self.clip_min = on_clean_wrong, shrink, clip_min
+        self.reset_counters()
 
     # ------------------------------------------------------------------ update
     def update(self, ids: Sequence, clean_correct, noisy_correct, distance, valid=None) -> torch.Tensor:
@@ -110,99 +129,53 @@ class MarginStore:
         if d.numel() != b:
             raise ValueError(f"distance: expected {b} values, got {d.numel()}")
         ok = torch.isfinite(d) if valid is None else _bool(valid, b, "valid") & torch.isfinite(d)
-        d = torch.where(cc & ok, d, torch.zeros_like(d))
-        old = self._margins[rows]
-        expand = cc & nc
-        shrunk = (d + old) / 2 if self.shrink == "average" else d
-        new = torch.where(expand, old + self.delta, shrunk)
-        if self.on_clean_wrong == "reinit":
-            new = torch.where(cc, new, torch.full_like(new, self.delta))
-        lo = 0.0 if self.clip_min == "zero" else self.delta
-        new = new.clamp(lo, self.eps_max)
-        # last occurrence of a duplicated id wins (deterministic)
-        keep = _last_occurrence(rows) & ok
+        new, expand = self._next(self._margins[rows], cc, nc, torch.where(cc & ok, d, torch.zeros_like(d)))
+        keep = _last_occurrence(rows) & ok  # last occurrence of a duplicated id wins (deterministic)
         self._margins[rows[keep]] = new[keep]
         self._dirty[rows[keep]] = True
-        self.counters["updates"] += int(keep.sum())
-        self.counters["expanded"] += int((expand & keep).sum())
-        self.counters["shrunk"] += int((~expand & keep).sum())
-        self.counters["clean_wrong"] += int((~cc & keep).sum())
-        self.counters["invalid"] += int((~ok).sum())
+        for name, hit in (("updates", keep), ("expanded", expand & keep), ("shrunk", ~expand & keep),
+                          ("clean_wrong", ~cc & keep), ("invalid", ~ok)):
+            self.counters[name] += int(hit.sum())
         return self._margins[rows].float()
+
+    def _next(self, old, clean_correct, noisy_correct, distance) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new margins, which expanded): the rules of the module docstring, before the last-wins step."""
+        expand = clean_correct & noisy_correct
+        shrunk = (distance + old) / 2 if self.shrink == "average" else distance
+        new = torch.where(expand, old + self.delta, shrunk)
+        if self.on_clean_wrong == "reinit":
+            new = torch.where(clean_correct, new, torch.full_like(new, self.delta))
+        lo = 0.0 if self.clip_min == "zero" else self.delta
+        return new.clamp(lo, self.eps_max), expand
 
     def reset_counters(self) -> None:
         """Zero the update counters (e.g. at the start of an epoch)."""
         self.counters = {"updates": 0, "expanded": 0, "shrunk": 0, "clean_wrong": 0, "invalid": 0}
 
-    # ------------------------------------------------------------------ reporting
+    # ------------------------------------------------------------------ reporting (margin_report)
     def summary(self) -> dict:
-        """Mean, median, quantiles, min/max, the share at eps_max and the shares of this period's
-        updates that expanded / shrank (a shrink means the noisy sample crossed or the clean was wrong)."""
-        m = self._margins
-        out = {"count": len(self)}
-        if len(self):
-            q = torch.quantile(m, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)).tolist()
-            out.update(mean=float(m.mean()), min=float(m.min()), max=float(m.max()), q05=q[0], q25=q[1], median=q[2],
-                       q75=q[3], q95=q[4], frac_at_eps_max=float((m >= self.eps_max - 1e-9).double().mean()))
-        n = self.counters["updates"]
-        out["updates"] = n
-        out["frac_shrunk"] = self.counters["shrunk"] / n if n else float("nan")
-        out["frac_expanded"] = self.counters["expanded"] / n if n else float("nan")
-        out["invalid"] = self.counters["invalid"]
-        return out
+        """:func:`nnunet_ima.margin_report.summarize` of this store and its counters."""
+        return margin_report.summarize(self._margins, self.eps_max, self.counters)
 
     def format_summary(self) -> str:
-        s = self.summary()
-        if not s["count"]:
-            return "margins: none yet"
-        return (f"margins (n={s['count']}): mean {s['mean']:.4g}, median {s['median']:.4g}, q05 {s['q05']:.4g}, "
-                f"q95 {s['q95']:.4g}, max {s['max']:.4g}, at eps_max {100 * s['frac_at_eps_max']:.1f}%; "
-                f"updates {s['updates']}: shrunk {100 * s['frac_shrunk']:.1f}% (crossed or clean wrong)")
+        return margin_report.format_summary(self.summary())
 
     def histogram(self, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """(counts, edges) of the margins over [0, eps_max]."""
-        return np.histogram(self._margins.numpy(), bins=bins, range=(0.0, self.eps_max))
+        return margin_report.histogram(self._margins, self.eps_max, bins)
 
     def suggest_sat_eps(self, quantile: float = 0.5) -> float:
-        """An eps for SAT read off the margin distribution (the papers pick SAT's eps near the bulk of
-        IMA's margins, COVID-19 section): by default the median margin."""
-        if not len(self):
-            raise ValueError("no margins stored yet")
-        return float(torch.quantile(self._margins, quantile))
-
-    def plot_histogram(self, path, bins: int = 20, title: str | None = None) -> None:
-        """Write a PNG of the margin distribution (matplotlib, Agg backend)."""
-        from .plumbing import pyplot
-
-        plt = pyplot()
-        counts, edges = self.histogram(bins)
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", edgecolor="black")
-        if len(self):
-            ax.axvline(self.suggest_sat_eps(), color="red", linestyle="--", label="median (suggested SAT eps)")
-            ax.legend()
-        ax.set_xlabel("estimated margin")
-        ax.set_ylabel("samples")
-        ax.set_title(title or f"IMA margins (n={len(self)}, eps_max={self.eps_max:g})")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        """The median margin by default (:func:`nnunet_ima.margin_report.suggest_sat_eps`)."""
+        return margin_report.suggest_sat_eps(self._margins, quantile)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain types only (loads with ``torch.load(..., weights_only=True)``)."""
-        is_int = [isinstance(k, int) for k in self._keys]
-        return {
-            "keys": [str(k) for k in self._keys],
-            "key_is_int": torch.tensor(is_int, dtype=torch.bool),
-            "margins": self._margins.clone(),
-            "dirty": self._dirty.clone(),
-            "delta": self.delta,
-            "eps_max": self.eps_max,
-            "on_clean_wrong": self.on_clean_wrong,
-            "shrink": self.shrink,
-            "clip_min": self.clip_min,
-        }
+        return {"keys": [str(k) for k in self._keys],
+                "key_is_int": torch.tensor([isinstance(k, int) for k in self._keys], dtype=torch.bool),
+                "margins": self._margins.clone(), "dirty": self._dirty.clone(), "delta": self.delta,
+                "eps_max": self.eps_max, "on_clean_wrong": self.on_clean_wrong, "shrink": self.shrink,
+                "clip_min": self.clip_min}
 
     def load_state_dict(self, state: dict) -> None:
         keys = [int(k) if i else k for k, i in zip(state["keys"], state["key_is_int"].tolist())]
@@ -210,10 +183,8 @@ class MarginStore:
             raise ValueError("margin state: number of keys and margins differ")
         self.delta, self.eps_max = float(state["delta"]), float(state["eps_max"])
         self.on_clean_wrong, self.shrink, self.clip_min = state["on_clean_wrong"], state["shrink"], state["clip_min"]
-        self._keys = keys
-        self._index = {k: i for i, k in enumerate(keys)}
-        self._margins = state["margins"].to(torch.float64).clone()
-        self._dirty = state.get("dirty", torch.zeros(len(keys), dtype=torch.bool)).clone()
+        self._set_table(keys, state["margins"].to(torch.float64).clone(),
+                        state.get("dirty", torch.zeros(len(keys), dtype=torch.bool)).clone())
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "MarginStore":
@@ -221,40 +192,22 @@ class MarginStore:
         store.load_state_dict(state)
         return store
 
-    # ------------------------------------------------------------------ distributed
+    # ------------------------------------------------------------------ distributed (margin_merge)
     def merge(self, group=None) -> None:
-        """Make the margins identical on every torch.distributed rank.
+        """Make the margins identical on every torch.distributed rank (:func:`nnunet_ima.margin_merge.merge`:
+        an id updated on several ranks gets their mean); a no-op when torch.distributed is not initialised."""
+        margin_merge.merge(self, group)
 
-        Each rank contributes the entries it updated since the last merge; an id updated on several
-        ranks gets the mean of their values, ids updated nowhere keep their (shared) value, ids
-        first seen on any rank are added everywhere. No-op when torch.distributed is not initialised.
-        """
-        import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        mine = torch.nonzero(self._dirty).flatten()
-        payload = ([self._keys[i] for i in mine.tolist()], self._margins[mine].tolist(), list(self._keys))
-        gathered: list = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, payload, group=group)
-        sums: dict = {}
-        for keys, values, _ in gathered:
-            for k, v in zip(keys, values):
-                s = sums.setdefault(k, [0.0, 0])
-                s[0] += v
-                s[1] += 1
-        # one key order on every rank (rank 0's keys, then new keys of rank 1, ...), so that the raw
-        # arrays and state_dict() are identical too, not only the margin of every id
-        order = list(dict.fromkeys(k for _, _, ks in gathered for k in ks))
-        self._rows(order)
-        if sums:
-            rows = torch.tensor([self._index[k] for k in sums], dtype=torch.long)
-            self._margins[rows] = torch.tensor([s / n for s, n in sums.values()], dtype=torch.float64)
-        perm = torch.tensor([self._index[k] for k in order], dtype=torch.long)
-        self._keys = order
-        self._index = {k: i for i, k in enumerate(order)}
-        self._margins = self._margins[perm]
-        self._dirty = torch.zeros(len(order), dtype=torch.bool)
+def check_rules(delta: float, eps_max: float, **rules: str) -> None:
+    """ValueError naming the setting unless eps_max > 0, 0 < delta <= eps_max and every rule is known."""
+    if not (math.isfinite(eps_max) and eps_max > 0):
+        raise ValueError(f"eps_max must be > 0, got {eps_max}")
+    if not (math.isfinite(delta) and 0 < delta <= eps_max):
+        raise ValueError(f"delta must be in (0, eps_max={eps_max}], got {delta}")
+    for name, value in rules.items():
+        if value not in RULES[name]:
+            raise ValueError(f"{name} must be one of {RULES[name]}, got {value!r}")
 
 
 def _norm_key(key):

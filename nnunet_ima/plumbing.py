@@ -1,17 +1,19 @@
-"""Shared plumbing used by every part of the project: atomic writes, plain-type conversion, and
-headless figures. Small on purpose; nothing here knows about IMA.
+"""Shared plumbing used by every part of the project: atomic writes and plain-type conversion.
+Small on purpose; nothing here knows about IMA. Argument parsing and figures live above the kernel,
+in :mod:`nnunet_ima.ui`.
 
 * :func:`atomic_write` / :func:`atomic_write_text` / :func:`atomic_torch_save` - write to a temporary
   file in the same folder, flush + fsync, then ``os.replace``: a crash leaves the old file intact.
 * :func:`to_plain` - numpy scalars/arrays to Python numbers/lists (checkpoints that load with
   ``torch.load(weights_only=True)``); ``for_json=True`` also turns tensors and tuples into lists and
   dict keys into strings.
-* :func:`pyplot` - ``matplotlib.pyplot`` on the Agg backend (no screen needed).
-* :class:`OneLineParser` - argparse whose errors are one line (``prog: error: ...``), exit code 2.
+* ``OneLineParser``: a re-export of :class:`nnunet_ima.ui.OneLineParser` for the two command lines
+  that still import it from here (eval/cli.py, nnunet_ima/demo/cli.py); part B of issue 21 moves them
+  to ``nnunet_ima.ui`` and removes it (the only upward import of the kernel, listed as transitional in
+  tests/test_layers.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,19 +73,10 @@ def to_plain(obj, *, for_json: bool = False):
     return obj
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the headless Agg backend."""
-    import matplotlib
+def __getattr__(name: str):
+    """``OneLineParser``: transitional re-export (see the module docstring), imported on first use."""
+    if name == "OneLineParser":
+        from .ui.args import OneLineParser
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse without the usage block on errors: ``prog: error: argument --k: ... (see prog --help)``,
-    exit code 2 (every command line of the project reports a bad argument this way)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        return OneLineParser
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,11 +11,12 @@ from Python after :func:`register_ext_trainers`. Settings: NNUNET_IMA_* variable
 see :mod:`nnunet_ima_trainers.config`.
 
 Importing this package is cheap: the trainers (torch, nnU-Net) load on first use of a trainer name,
-``TRAINERS``, ``ConfigError``, ``IMAConfig`` or ``load_config``. Importing it also makes an uncaught
-:class:`~nnunet_ima_trainers.config.ConfigError` print as one line on stderr, without a traceback
-(exit status 1): that is how a bad setting reads inside the real ``nnUNetv2_train``, which imports
-the trainers through ``nnUNet_extTrainer`` and catches nothing. Every other exception prints as
-before.
+``TRAINERS``, ``ConfigError``, ``IMAConfig`` or ``load_config``; it leaves ``sys.excepthook`` alone.
+The module nnU-Net's trainer lookup imports from the ext folder (``nnUNet_extTrainer``) installs
+:func:`install_config_error_hook`: inside the real ``nnUNetv2_train`` / ``nnUNetv2_predict``, which
+catch nothing, an uncaught :class:`~nnunet_ima_trainers.config.ConfigError` then prints as one line
+``<program>: error: <message>`` on stderr without a traceback (exit status 1); every other exception
+prints as before. ``nnunet-ima-train`` catches the error itself (exit status 2).
 """
 from __future__ import annotations
 
@@ -76,13 +77,14 @@ def __dir__():
 
 
 def _config_error_hook(previous):
-    """A ``sys.excepthook`` that prints an uncaught ConfigError as ``<program>: <message>`` and hands
-    every other exception to ``previous``."""
+    """A ``sys.excepthook`` that prints an uncaught ConfigError as ``<program>: error: <message>``
+    (:func:`nnunet_ima.ui.report_error`) and hands every other exception to ``previous``."""
     def hook(exc_type, exc, tb):
         config = sys.modules.get(__name__ + ".config")  # not imported: the exception cannot be a ConfigError
         if config is not None and isinstance(exc_type, type) and issubclass(exc_type, config.ConfigError):
-            program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-            print(f"{program}: {exc}", file=sys.stderr, flush=True)
+            from nnunet_ima.ui.errors import report_error
+
+            report_error(os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", exc)
         else:
             previous(exc_type, exc, tb)
 
@@ -91,9 +93,8 @@ def _config_error_hook(previous):
 
 
 def install_config_error_hook() -> None:
-    """Install :func:`_config_error_hook` once, in front of the current ``sys.excepthook``."""
+    """Install :func:`_config_error_hook` once, in front of the current ``sys.excepthook``. Called by
+    the ext folder's module, i.e. in the processes whose trainer lookup nnU-Net runs (training,
+    prediction, each ``-num_gpus`` worker); never on a plain ``import nnunet_ima_trainers``."""
     if not getattr(sys.excepthook, "nnunet_ima_config_errors", False):
         sys.excepthook = _config_error_hook(sys.excepthook)
-
-
-install_config_error_hook()

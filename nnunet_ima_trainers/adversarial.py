@@ -14,6 +14,7 @@ from batchgenerators.utilities.file_and_folder_operations import join
 
 from nnunet_ima import DicePredicate, MarginStore, pgd
 from nnunet_ima.ima_step import IMAStepSettings, IMAStepStats, ima_step
+from nnunet_ima.ui import plot_margin_histogram
 from nnunet_ima.validation import keep_finite
 
 from .base import nnUNetTrainerSTD
@@ -128,9 +129,9 @@ class nnUNetTrainerIMA(_AdversarialTrainer):
     def on_epoch_end(self):
         super().on_epoch_end()
         if self.local_rank == 0 and len(self.margins):
-            self.margins.plot_histogram(join(self.output_folder, "margins.png"),
-                                        title=f"IMA margins after epoch {self.current_epoch - 1} "
-                                              f"(n={len(self.margins)}, eps_max={self.margins.eps_max:g})")
+            plot_margin_histogram(self.margins, join(self.output_folder, "margins.png"),
+                                  title=f"IMA margins after epoch {self.current_epoch - 1} "
+                                        f"(n={len(self.margins)}, eps_max={self.margins.eps_max:g})")
 
     def on_train_end(self):
         super().on_train_end()

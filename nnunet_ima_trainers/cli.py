@@ -17,11 +17,16 @@ __all__ = ["EXT_DIR", "VAR", "ext_trainer_path", "register_ext_trainers", "confi
            "predict_entry", "print_env"]
 
 
+PROGRAM = "nnunet-ima-train"
+
+
 def train_entry() -> None:
-    """``nnUNetv2_train`` with the IMA trainers registered; a settings error prints one line and
-    exits 2, also when it was raised in a ``-num_gpus`` worker process."""
+    """``nnUNetv2_train`` with the IMA trainers registered; a settings error prints one line
+    ``nnunet-ima-train: error: ...`` and exits 2, also when it was raised in a ``-num_gpus`` worker process."""
     register_ext_trainers()
     from nnunetv2.run.run_training import run_training_entry
+
+    from nnunet_ima.ui.errors import report_error  # here, not at the top: nnunet-ima-env stays torch-free
 
     try:
         run_training_entry()
@@ -29,8 +34,7 @@ def train_entry() -> None:
         message = config_error_message(e)
         if message is None:
             raise
-        print(f"nnunet-ima-train: {message}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error(PROGRAM, message))
 
 
 def config_error_message(exc: BaseException) -> str | None:

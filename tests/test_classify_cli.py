@@ -20,8 +20,8 @@ from nnunet_ima.classify.presets import get_preset
 from nnunet_ima.classify.verdict import verdict
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
-TINY = ["--epochs", "1", "--limit-train", "40", "--limit-test", "10", "--pgd-steps", "2", "--steps", "2",
-        "--search-steps", "1", "--no-progress"]
+TINY = ["--epochs", "1", "--limit-train", "40", "--limit-test", "10", "--pgd-steps", "2", "--k", "2",
+        "--n", "1", "--quiet"]
 
 
 def write_folder(root, n=16, size=20, seed=0):
@@ -56,8 +56,8 @@ def call(argv, capsys):
 def test_imagefolder_20px_run_end_to_end(folder20, tmp_path, capsys):
     out = tmp_path / "run"
     rc, text, err = call(["run", "--dataset", "imagefolder", "--data-root", str(folder20), "--model", "digits_mlp",
-                          "--epochs", "2", "--eps", "0.5,1", "--pgd-steps", "3", "--steps", "3", "--search-steps",
-                          "2", "--out", str(out), "--no-progress"], capsys)
+                          "--epochs", "2", "--eps", "0.5", "1", "--pgd-steps", "3", "--k", "3", "--n",
+                          "2", "-o", str(out), "--quiet"], capsys)
     assert rc == 0, err
     assert "S. Acc." in text and "P. 0.5" in text and "IF. 1" in text
     rows = [line.split()[0] for line in (out / "table.txt").read_text().splitlines()[2:]]
@@ -72,7 +72,7 @@ def test_imagefolder_20px_run_end_to_end(folder20, tmp_path, capsys):
 def test_resnet18_on_20px_stops_before_training(folder20, tmp_path, capsys):
     out = tmp_path / "run"
     rc, text, err = call(["run", "--dataset", "imagefolder", "--data-root", str(folder20), "--model", "resnet18_in",
-                          "--out", str(out)] + TINY, capsys)
+                          "-o", str(out)] + TINY, capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "--image-size" in err and "--model" in err and "20x20" in err and "Traceback" not in err
     assert not out.exists()
@@ -112,13 +112,13 @@ def test_image_size_resizes_what_the_model_sees(folder20, tmp_path, capsys, monk
     monkeypatch.setitem(cli.train.__globals__, "build_model", recording)
     out = tmp_path / "t"
     rc, text, err = call(["train", "--dataset", "imagefolder", "--data-root", str(folder20), "--image-size", "12",
-                          "--method", "std", "--out", str(out)] + TINY, capsys)
+                          "--method", "std", "-o", str(out)] + TINY, capsys)
     assert rc == 0, err
     assert seen and set(seen) == {(1, 12, 12)}
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert tuple(ck["meta"]["in_shape"]) == (1, 12, 12) and ck["meta"]["data"]["image_size"] == 12
     # eval finds the data, the size and the split in the checkpoint
-    rc, text, err = call(["eval", str(out / "checkpoint.pt"), "--eps", "0.5", "--pgd-steps", "2", "--no-progress"],
+    rc, text, err = call(["eval", str(out / "checkpoint.pt"), "--eps", "0.5", "--pgd-steps", "2", "--quiet"],
                          capsys)
     assert rc == 0 and "STD" in text, err
 
@@ -127,7 +127,7 @@ def test_images_of_different_sizes_need_image_size(tmp_path, capsys):
     write_folder(tmp_path / "mixed", n=3, size=20)
     write_folder(tmp_path / "more", n=1, size=24)
     (tmp_path / "more" / "a" / "0.png").rename(tmp_path / "mixed" / "a" / "big.png")
-    rc, _, err = call(["run", "--dataset", "imagefolder", "--data-root", str(tmp_path / "mixed"), "--out",
+    rc, _, err = call(["run", "--dataset", "imagefolder", "--data-root", str(tmp_path / "mixed"), "-o",
                        str(tmp_path / "o")] + TINY, capsys)
     assert rc == 2 and "--image-size" in err and "24x24" in err and not (tmp_path / "o").exists()
 
@@ -141,18 +141,20 @@ def test_test_split_fraction(folder20):
 
 # --- every bad argument: one line, exit 2, nothing written ----------------------------------------
 BAD = [
-    (["run", "--attacks", "pgd,foo"], "--attacks", "foo"),
+    (["run", "--attacks", "pgd", "foo"], "--attacks", "foo"),
     (["run", "--eps=-0.1"], "--eps", "-0.1"),
     (["run", "--eps", "abc"], "--eps", "abc"),
     (["train", "--epochs", "0"], "--epochs", "0"),
-    (["train", "--eps-train", "-1"], "--eps-train", "-1"),
+    (["train", "--eps-max", "-1"], "--eps-max", "-1"),
+    (["train", "--device", "cuda:x"], "--device", "cuda:x"),
+    (["train", "--device", "mps"], "--device", "mps"),
     (["train", "--init-from", "/nonexistent.pt"], "--init-from", "/nonexistent.pt"),
     (["train", "--device", "cuda"], "--device", "cuda"),
-    (["run", "--methods", "std,foo"], "--methods", "foo"),
-    (["run", "--methods", "std,sat:-1"], "--methods", "sat:-1"),
+    (["run", "--methods", "std", "foo"], "--methods", "foo"),
+    (["run", "--methods", "std", "sat:-1"], "--methods", "sat:-1"),
     (["run", "--delta", "5"], "--delta", "5"),
     (["run", "--image-size", "16"], "--image-size", "16"),
-    (["run", "--methods", "ima,std", "--init-from", "std"], "--init-from", "std"),
+    (["run", "--methods", "ima", "std", "--init-from", "std"], "--init-from", "std"),
     (["train", "--init-from", "std"], "--init-from", "std"),
     (["run", "--eval-split", "val", "--dataset", "digits", "--ima-beta", "2"], "--ima-beta", "2"),
     (["train", "--resume", "--overwrite"], "--resume", "--overwrite"),
@@ -164,7 +166,7 @@ def test_bad_argument_is_one_line_before_any_work(argv, arg, value, tmp_path, ca
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
     tiny = TINY[2:] if "--epochs" in argv else TINY
-    rc, text, err = call(argv + ["--out", str(out)] + tiny, capsys)
+    rc, text, err = call(argv + ["-o", str(out)] + tiny, capsys)
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1, err
     assert arg in lines[0] and value in lines[0] and "Traceback" not in err
@@ -176,7 +178,7 @@ def test_init_from_that_is_not_a_fitting_checkpoint(tmp_path, capsys):
     torch.save({"model": {"w": torch.zeros(3)}}, tmp_path / "other.pt")
     for name, words in (("junk.pt", "could not load"), ("other.pt", "do not fit --model moons_mlp")):
         out = tmp_path / "out"
-        rc, _, err = call(["train", "--init-from", str(tmp_path / name), "--out", str(out)] + TINY, capsys)
+        rc, _, err = call(["train", "--init-from", str(tmp_path / name), "-o", str(out)] + TINY, capsys)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "--init-from" in err and words in err, err
         assert not out.exists()
 
@@ -184,7 +186,7 @@ def test_init_from_that_is_not_a_fitting_checkpoint(tmp_path, capsys):
 def test_bad_device_in_a_real_process(tmp_path):
     """The real entry point: exit code 2, one stderr line, no traceback, no output folder."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    r = subprocess.run([sys.executable, "-m", "nnunet_ima.classify", "train", "--device", "cuda", "--out",
+    r = subprocess.run([sys.executable, "-m", "nnunet_ima.classify", "train", "--device", "cuda", "-o",
                         str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--device cuda" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "o").exists()
@@ -192,7 +194,7 @@ def test_bad_device_in_a_real_process(tmp_path):
 
 def test_a_finished_run_is_never_appended_to(tmp_path, capsys):
     out = tmp_path / "t"
-    args = ["train", "--method", "std", "--out", str(out)] + TINY
+    args = ["train", "--method", "std", "-o", str(out)] + TINY
     assert call(args, capsys)[0] == 0
     log = out / "train_log.jsonl"
     rc, _, err = call(args, capsys)
@@ -205,11 +207,11 @@ def test_a_finished_run_is_never_appended_to(tmp_path, capsys):
 
 def test_run_refuses_a_folder_with_a_run(tmp_path, capsys):
     out = tmp_path / "r"
-    args = ["run", "--methods", "std", "--attacks", "pgd", "--eps", "0.1", "--out", str(out)] + TINY
+    args = ["run", "--methods", "std", "--attacks", "pgd", "--eps", "0.1", "-o", str(out)] + TINY
     assert call(args, capsys)[0] == 0
     before = (out / "std" / "checkpoint.pt").stat().st_mtime_ns
     rc, _, err = call(args, capsys)
-    assert rc == 2 and "--out" in err and "--resume" in err
+    assert rc == 2 and "--output" in err and "--resume" in err
     assert (out / "std" / "checkpoint.pt").stat().st_mtime_ns == before
 
 

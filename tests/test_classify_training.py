@@ -82,7 +82,7 @@ def test_two_gloo_processes_agree_on_margins(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "nnunet_ima.classify", "train", "--dataset", "moons", "--method", "ima", "--limit-train", "400",
            "--limit-test", "50", "--epochs", "2", "--batch-size", "50", "--delta", "0.05", "--device", "cpu",
-           "--out", str(tmp_path), "--no-progress"]
+           "-o", str(tmp_path), "--quiet"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     m0 = torch.load(tmp_path / "margins_rank0.pt", weights_only=True)
@@ -98,8 +98,8 @@ def test_two_gloo_processes_agree_on_margins(tmp_path):
 def test_cli_run_and_eval(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["run", "--quick", "--limit-train", "300", "--limit-test", "60", "--epochs", "2", "--methods",
-               "std,ima,sat:0.1", "--eps", "0.1,0.2", "--pgd-steps", "10", "--init-from", "std", "--out", str(out),
-               "--no-progress"])
+               "std", "ima", "sat:0.1", "--eps", "0.1", "0.2", "--pgd-steps", "10", "--init-from", "std", "-o", str(out),
+               "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "S. Acc." in text and "P. 0.2" in text and "SAT0.1" in text and str(out.resolve()) in text
@@ -107,12 +107,12 @@ def test_cli_run_and_eval(tmp_path, capsys):
               "decision_boundaries.png", "std/checkpoint.pt", "sat0.1/checkpoint.pt"):
         assert (out / f).is_file(), f
     rc = main(["eval", str(out / "ima" / "checkpoint.pt"), "--limit-test", "60", "--eps", "0.1", "--attacks",
-               "pgd,ifgsm", "--pgd-steps", "5", "--no-progress"])
+               "pgd", "ifgsm", "--pgd-steps", "5", "--quiet"])
     assert rc == 0 and "IF. 0.1" in capsys.readouterr().out
 
 
 def test_cli_missing_dataset_message(tmp_path, capsys):
-    rc = main(["train", "--dataset", "svhn", "--data-root", str(tmp_path), "--no-progress"])
+    rc = main(["train", "--dataset", "svhn", "--data-root", str(tmp_path), "--quiet"])
     assert rc == 2 and "train_32x32.mat" in capsys.readouterr().err
 
 

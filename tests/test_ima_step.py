@@ -184,7 +184,8 @@ def test_non_finite_attack_falls_back_to_the_clean_sample():
         y = model(x).argmax(1)  # all clean-correct
     settings = IMAStepSettings(steps=3, search_steps=2)
     store = MarginStore(0.4, 1.0)
-    store.set(["s1"], [0.7])
+    store.update(["s1"], [True], [False], [1.0])  # crossed at distance 1.0: (1.0 + 0.4) / 2 = 0.7
+    store.reset_counters()
     trainer = stub_trainer(model, settings, DicePredicate(0.6), store)
     ids = [f"s{i}" for i in range(8)]
     noisy, finish = trainer.make_adversarial_batch(x, y[:, None], ids, model(x).detach())

@@ -246,10 +246,3 @@ def test_merge_two_process_gloo(tmp_path):
     assert r0["keys"] == r1["keys"]
     assert torch.equal(r0["raw"], r1["raw"])
 
-
-def test_set_clips_and_registers():
-    store = MarginStore(delta=0.5, eps_max=3.0)
-    store.set(["x", 7], [5.0, 1.25])
-    assert store.get(["x", 7]).tolist() == [3.0, 1.25]
-    with pytest.raises(ValueError, match="values"):
-        store.set(["x"], [1.0, 2.0])

@@ -138,12 +138,32 @@ def test_register_ext_trainers_prepends_once_and_returns_the_value(monkeypatch):
     assert cli.register_ext_trainers is nnunet_ima_trainers.register_ext_trainers  # one helper
 
 
-def test_importing_the_package_is_cheap_and_installs_the_hook():
-    """register_ext_trainers / nnunet-ima-env need no torch; trainers load on first use."""
-    code = ("import sys, nnunet_ima_trainers as t; assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert sys.excepthook.nnunet_ima_config_errors; t.register_ext_trainers(); print('ok')")
+def test_importing_the_package_is_cheap_and_leaves_the_excepthook():
+    """register_ext_trainers / nnunet-ima-env need no torch; trainers load on first use; importing the
+    package (or its console scripts' module) does not replace sys.excepthook for the whole process."""
+    code = ("import sys, nnunet_ima_trainers as t, nnunet_ima_trainers.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert sys.excepthook is sys.__excepthook__, 'excepthook replaced'; t.register_ext_trainers(); "
+            "nnunet_ima_trainers.cli.print_env(); assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == "ok", proc.stderr
+
+
+def test_the_module_nnunet_imports_from_the_ext_folder_installs_the_hook(monkeypatch):
+    """What nnU-Net's trainer lookup does in nnUNetv2_train: put the ext folder on sys.path and import
+    its modules under top-level names. That import, not the package's, installs the hook."""
+    import importlib
+    import pkgutil
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.syspath_prepend(nnunet_ima_trainers.EXT_DIR)
+    names = [m.name for m in pkgutil.iter_modules([nnunet_ima_trainers.EXT_DIR])]
+    assert names == ["nnunet_ima_ext_trainers"]
+    monkeypatch.delitem(sys.modules, names[0], raising=False)
+    module = importlib.import_module(names[0])
+    assert module.nnUNetTrainerIMA is nnunet_ima_trainers.nnUNetTrainerIMA
+    assert sys.excepthook.nnunet_ima_config_errors and sys.excepthook is not sys.__excepthook__
+    monkeypatch.delitem(sys.modules, names[0])
 
 
 def test_hook_prints_config_error_as_one_line_and_passes_the_rest_on(capsys, monkeypatch):
@@ -154,8 +174,8 @@ def test_hook_prints_config_error_as_one_line_and_passes_the_rest_on(capsys, mon
         cfg({"NNUNET_IMA_EPS_MAX": "-1"})
     except ConfigError as e:
         hook(type(e), e, e.__traceback__)
-    assert capsys.readouterr().err == ("nnUNetv2_train: invalid nnunet-ima trainer settings: eps_max must be > 0, "
-                                       "got -1.0 (from env NNUNET_IMA_EPS_MAX)\n")
+    assert capsys.readouterr().err == ("nnUNetv2_train: error: invalid nnunet-ima trainer settings: eps_max must be "
+                                       "> 0, got -1.0 (from env NNUNET_IMA_EPS_MAX)\n")
     hook(KeyError, KeyError("x"), None)
     assert seen == [KeyError] and capsys.readouterr().err == ""
 
@@ -191,8 +211,8 @@ def test_nnunet_ima_train_exits_2_with_one_line(where, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.train_entry()
     assert e.value.code == 2 and os.environ["nnUNet_extTrainer"] == cli.EXT_DIR
-    assert capsys.readouterr().err == "nnunet-ima-train: invalid nnunet-ima trainer settings: eps_max must be > 0, " \
-                                      "got -1.0\n"
+    assert capsys.readouterr().err == "nnunet-ima-train: error: invalid nnunet-ima trainer settings: eps_max must " \
+                                      "be > 0, got -1.0\n"
     other = ProcessRaisedException("\n\n-- Process 0 terminated with the following error:\nKeyError: 'x'\n", 0, 1)
     monkeypatch.setattr(run_training, "run_training_entry", lambda: (_ for _ in ()).throw(other))
     with pytest.raises(ProcessRaisedException):
@@ -219,7 +239,7 @@ def test_bad_setting_inside_real_nnunetv2_train_is_one_message(nnunet_tiny, tmp_
     assert proc.returncode != 0
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert "Using trainer 'nnUNetTrainerIMA'" in proc.stdout and "Epoch 0" not in proc.stdout  # ours, before training
-    message = ("nnUNetv2_train: invalid nnunet-ima trainer settings: eps_max must be > 0, got -1.0 "
+    message = ("nnUNetv2_train: error: invalid nnunet-ima trainer settings: eps_max must be > 0, got -1.0 "
                "(from env NNUNET_IMA_EPS_MAX)")
     assert [line for line in proc.stderr.splitlines() if "nnunet-ima" in line] == [message]
     assert proc.stderr.rstrip().splitlines()[-1] == message

@@ -147,7 +147,7 @@ def test_bad_settings_stop_before_any_epoch(env, flow_3d):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "nnunet-ima" in line]
     assert len(lines) == 1 and lines[0] == proc.stderr.strip().splitlines()[-1]
-    assert lines[0].startswith("nnunet-ima-train: invalid nnunet-ima trainer settings: ")
+    assert lines[0].startswith("nnunet-ima-train: error: invalid nnunet-ima trainer settings: ")
     for message in ("eps_max must be > 0, got -1.0 (from env NNUNET_IMA_EPS_MAX)", "delta must be <= eps_max",
                     "dice_threshold must be in (0, 1), got 1.5", "unknown norm 'l3'"):
         assert message in lines[0]

@@ -2,13 +2,17 @@
 
 Every failure is one :class:`ArgError` whose message names the argument, the value given and what
 is expected: ``--epochs 0: expected an integer >= 1 (training epochs)``. The CLI prints it as one
-line on stderr and exits with code 2; nothing has been trained or written by then.
+line on stderr (``python -m nnunet_ima.classify train: error: ...``, :func:`nnunet_ima.ui.report_error`)
+and exits with code 2; nothing has been trained or written by then. ``--device`` is checked by the
+shared :func:`nnunet_ima.ui.check_device`, noise levels by :func:`nnunet_ima.ui.eps_value`.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+
+from nnunet_ima.ui import UsageError, spelling, usage_error
 
 from .datasets import has_train_test
 from .evaluate import ATTACKS
@@ -19,16 +23,17 @@ NUMBER_RULES = {
     "epochs": (lambda v: v >= 1, "an integer >= 1 (training epochs)"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "lr": (lambda v: v > 0, "a learning rate > 0"),
-    "eps_train": (lambda v: v > 0, "a training bound > 0"),
-    "delta": (lambda v: v > 0, "IMA's margin step > 0 (and <= --eps-train)"),
+    "eps_max": (lambda v: v > 0, "a training bound > 0"),
+    "delta": (lambda v: v > 0, "IMA's margin step > 0 (and <= --eps-max)"),
     "std_warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
-    "steps": (lambda v: v >= 1, "an integer >= 1 (K, PGD steps in training)"),
-    "search_steps": (lambda v: v >= 0, "an integer >= 0 (N, binary-search steps)"),
+    "k": (lambda v: v >= 1, "an integer >= 1 (K, PGD steps in training)"),
+    "n": (lambda v: v >= 0, "an integer >= 0 (N, binary-search steps)"),
     "ima_beta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "trades_beta": (lambda v: v >= 0, "a number >= 0"),
     "fat_tau": (lambda v: v >= 0, "an integer >= 0"),
     "mma_clean_weight": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "pgd_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "ifgsm_steps": (lambda v: v >= 1, "an integer >= 1"),
     "aa_queries": (lambda v: v >= 1, "an integer >= 1"),
     "limit_train": (lambda v: v >= 1, "an integer >= 1"),
     "limit_test": (lambda v: v >= 1, "an integer >= 1"),
@@ -37,23 +42,31 @@ NUMBER_RULES = {
     "val_split": (lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.1"),
     "stop_after_epoch": (lambda v: v >= 1, "an integer >= 1"),
 }
-#: MethodConfig field -> command-line argument (to name the argument in a MethodConfig error).
-FIELD_FLAGS = {"eps": "--eps-train", "delta": "--delta", "steps": "--steps", "search_steps": "--search-steps",
-               "norm": "--norm", "ima_loss": "--ima-loss", "ima_beta": "--ima-beta", "ima_rule": "--ima-rule",
-               "trades_beta": "--trades-beta", "fat_tau": "--fat-tau", "mma_clean_weight": "--mma-clean-weight"}
+#: MethodConfig field -> the argument (dest) that sets it.
+FIELD_DESTS = {"eps": "eps_max", "delta": "delta", "steps": "k", "search_steps": "n", "norm": "norm",
+               "ima_loss": "ima_loss", "ima_beta": "ima_beta", "ima_rule": "ima_rule", "trades_beta": "trades_beta",
+               "fat_tau": "fat_tau", "mma_clean_weight": "mma_clean_weight"}
 
 
-class ArgError(ValueError):
+class ArgError(UsageError):
     """A bad command-line value; the message is the one line the user sees."""
 
 
 def flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+    """The flag of an argument: the shared vocabulary's spelling, else ``--dest-with-dashes``."""
+    try:
+        return spelling(dest)
+    except KeyError:
+        return "--" + dest.replace("_", "-")
+
+
+#: MethodConfig field -> command-line flag (to name the argument in a MethodConfig error).
+FIELD_FLAGS = {field: flag(dest) for field, dest in FIELD_DESTS.items()}
 
 
 def bad(dest_or_flag: str, value, expected: str) -> ArgError:
     name = dest_or_flag if dest_or_flag.startswith("-") else flag(dest_or_flag)
-    return ArgError(f"{name} {value}: expected {expected}")
+    return ArgError(str(usage_error(name, value, expected)))
 
 
 def check_numbers(a) -> None:
@@ -64,32 +77,12 @@ def check_numbers(a) -> None:
 
 
 def check_eval_options(a) -> None:
-    """--eps (all > 0) and --attacks (known names)."""
-    if a.eps is not None and (not a.eps or any(e <= 0 for e in a.eps)):
-        raise bad("--eps", ",".join(f"{e:g}" for e in a.eps) or "''", "noise levels > 0, comma-separated (e.g. 0.5,1)")
+    """--attacks: known names (--eps is parsed by :func:`nnunet_ima.ui.eps_value`: finite, >= 0)."""
     if a.attacks is not None:
-        names = [s.strip() for s in a.attacks.split(",") if s.strip()]
-        unknown = [s for s in names if s not in ATTACKS]
-        if unknown or not names:
-            raise bad("--attacks", a.attacks, f"a comma-separated subset of {','.join(ATTACKS)} "
-                      f"({'unknown: ' + ', '.join(unknown) if unknown else 'none given'})")
-
-
-def check_device(device: str) -> None:
-    """--device names a device this machine has."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise bad("--device", device, "cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise bad("--device", device, "a device this machine has: no CUDA GPU is available here (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise bad("--device", device, f"a GPU index below {torch.cuda.device_count()}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise bad("--device", device, "a device this machine has: MPS is not available (use --device cpu)")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise bad("--device", device, "cpu, cuda or cuda:N")
+        unknown = [s for s in a.attacks if s not in ATTACKS]
+        if unknown:
+            raise bad("--attacks", " ".join(a.attacks), f"a subset of {' '.join(ATTACKS)}, space-separated "
+                      f"(unknown: {', '.join(unknown)})")
 
 
 def check_checkpoint(arg: str, path: str) -> dict:
@@ -136,13 +129,13 @@ def check_data_options(a) -> None:
         raise ArgError("--resume and --overwrite: expected one of them (continue the old run, or start again)")
 
 
-def parse_methods(spec: str, arg: str = "--methods") -> tuple:
-    """'std,sat:0.1,ima' -> ('std', 'sat:0.1', 'ima') after checking names and eps values."""
-    out = []
-    for s in (s.strip() for s in spec.split(",")):
+def parse_methods(specs, arg: str = "--methods") -> tuple:
+    """['std', 'sat:0.1', 'ima'] -> ('std', 'sat:0.1', 'ima') after checking names and eps values."""
+    out, spec = [], " ".join(specs)
+    for s in (s.strip() for s in specs):
         name, colon, eps = s.partition(":")
         if name not in METHODS:
-            raise bad(arg, spec, f"methods from {','.join(sorted(METHODS))} (unknown: {name!r})")
+            raise bad(arg, spec, f"methods from {' '.join(sorted(METHODS))} (unknown: {name!r})")
         if colon:
             try:
                 ok = float(eps) > 0
@@ -161,7 +154,7 @@ def check_schedule(p, specs: tuple, given_init: str | None, resolved_methods) ->
     than training, --init-from std after std, and every method's settings valid."""
     names = [s.partition(":")[0] for s in specs]
     if "ima" in names and p.delta > p.eps_train:
-        raise bad("--delta", f"{p.delta:g}", f"IMA's margin step <= --eps-train ({p.eps_train:g})")
+        raise bad("--delta", f"{p.delta:g}", f"IMA's margin step <= --eps-max ({p.eps_train:g})")
     if any(n != "std" for n in names) and p.std_warmup_epochs >= p.epochs:
         raise bad("--std-warmup-epochs", p.std_warmup_epochs, f"fewer clean epochs than --epochs ({p.epochs})")
     if given_init == "std" and ("std" not in names or names.index("std") > min(

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from nnunet_ima.plumbing import OneLineParser, atomic_write_text, to_plain
+from nnunet_ima.plumbing import atomic_write_text, to_plain
+from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device
 
-from .checks import ArgError, check_checkpoint, check_data_options, check_device, check_eval_options, \
-    check_numbers, check_paths, check_schedule, parse_methods
+from .checks import FIELD_DESTS, ArgError, check_checkpoint, check_data_options, check_eval_options, check_numbers, \
+    check_paths, check_schedule, parse_methods
 from .datasets import DatasetError
 from .evaluate import ATTACKS, EvalConfig, aa_announcement, evaluate, format_table
 from .experiment import ModelInputError, RunConfig, check_model, load_splits, method_config, prepare_run, \
@@ -41,14 +42,9 @@ from .presets import PRESETS, get_preset
 from .train import RunExistsError, model_from_checkpoint, train
 from .verdict import verdict
 
+PROG = "python -m nnunet_ima.classify"
+COMMAND = "classify"  # its row in nnunet_ima.ui.VOCABULARY's old spellings
 QUICK = {"limit_train": 2000, "limit_test": 500, "max_epochs": 10}
-
-
-def _floats(s: str) -> tuple:
-    try:
-        return tuple(float(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.5,1.0), got {s!r}") from None
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -61,13 +57,13 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    "(default 0.2)")
     g.add_argument("--val-split", type=float, help="imagefolder DIR/<class> layout: fraction for validation "
                    "(default 0.1; used by --eval-split val)")
-    g.add_argument("--out", default=None, help="output folder (default runs/classify/<dataset>-<time>)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the data split and training (0)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_option(g, COMMAND, "output", default=None, help="output folder (default runs/classify/<dataset>-<time>)")
+    add_option(g, COMMAND, "seed", default=None, help="seed of the data split and training (0)")
+    add_option(g, COMMAND, "device", default=None, help=f"{DEVICES} (default: cuda if available, else cpu)")
     g.add_argument("--quick", action="store_true", help="small and fast: 2000/500 samples, <= 10 epochs")
     g.add_argument("--limit-train", type=int, default=None)
     g.add_argument("--limit-test", type=int, default=None)
-    g.add_argument("--no-progress", action="store_true")
+    add_option(g, COMMAND, "quiet", help="no progress bars")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -75,20 +71,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--model", choices=sorted(MODELS), help="network (default: the preset's; imagefolder: from the "
                    "image size: resnet18_in from 33 px, fashion_cnn/svhn_cnn at 25-32 px, digits_mlp below)")
     h.add_argument("--epochs", type=int)
-    h.add_argument("--batch-size", type=int)
+    add_option(h, COMMAND, "batch_size")
     h.add_argument("--lr", type=float)
     h.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
-    h.add_argument("--norm", choices=("l2", "linf"), help="norm of the training perturbations and of the attacks")
-    h.add_argument("--eps-train", type=float, help="training bound (IMA eps_max, SAT/TRADES/FAT/rand eps, MMA d_max)")
-    h.add_argument("--delta", type=float, help="IMA margin expansion step")
+    add_option(h, COMMAND, "norm", help="norm of the training perturbations and of the attacks")
+    add_option(h, COMMAND, "eps_max", help="training bound (IMA eps_max, SAT/TRADES/FAT/rand eps, MMA d_max)")
+    add_option(h, COMMAND, "delta", help="IMA margin expansion step")
     h.add_argument("--std-warmup-epochs", type=int, help="clean epochs before the method starts")
-    h.add_argument("--resume", action="store_true", help="continue the run in --out (from its checkpoint.pt)")
-    h.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an old run")
+    h.add_argument("--resume", action="store_true", help="continue the run in --output (from its checkpoint.pt)")
+    add_option(h, COMMAND, "overwrite", help="start again in an --output that holds an old run")
     h.add_argument("--init-from", default=None, help="start from these weights (a checkpoint.pt, e.g. of STD); in "
                    "'run', 'std' means this run's STD model")
     m = p.add_argument_group("method options")
-    m.add_argument("--steps", type=int, help="K, PGD steps of the training attacks (20)")
-    m.add_argument("--search-steps", type=int, help="N, binary-search steps (10)")
+    add_option(m, COMMAND, "k", help="K, PGD steps of the training attacks (20)")
+    add_option(m, COMMAND, "n", help="N, binary-search steps (10)")
     m.add_argument("--ima-loss", choices=("mean", "beta"), help="later paper's (L0+L1)/2 or earlier paper's beta loss")
     m.add_argument("--ima-beta", type=float)
     m.add_argument("--ima-rule", choices=("later", "earlier"), help="margin update rules of the later/earlier paper")
@@ -99,11 +95,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eps", type=_floats, help="noise levels, comma-separated (default: the papers')")
-    e.add_argument("--attacks", default=None, help=f"comma-separated subset of {','.join(ATTACKS)} (default: the "
-                   "preset's; AutoAttack 'aa' is slow and announced with its cost)")
-    e.add_argument("--pgd-steps", type=int, help="PGD iterations of the evaluation (100)")
-    e.add_argument("--steps-pgd", type=int, dest="pgd_steps", help=argparse.SUPPRESS)  # old spelling
+    add_option(e, COMMAND, "eps", help="noise levels, space-separated; 0 = clean (default: the papers')")
+    add_option(e, COMMAND, "attacks", help=f"a subset of {' '.join(ATTACKS)}, space-separated (default: the "
+               "preset's; AutoAttack 'aa' is slow and announced with its cost)")
+    add_option(e, COMMAND, "pgd_steps", help="PGD iterations of the evaluation (100)")
+    add_option(e, COMMAND, "ifgsm_steps", help="IFGSM iterations of the evaluation (10)")
     e.add_argument("--aa-queries", type=int, help="Square queries for the 2-class AutoAttack (5000)")
     e.add_argument("--eval-split", choices=("test", "val"), default="test")
 
@@ -115,13 +111,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m nnunet_ima.classify", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="train several methods, evaluate them, print the comparison table")
     _common(r)
-    r.add_argument("--methods", default="std,sat,ima",
-                   help=f"comma-separated, from {sorted(METHODS)}; 'sat:0.1' sets that method's eps")
+    add_option(r, COMMAND, "methods", default=["std", "sat", "ima"],
+               help=f"space-separated, from {' '.join(sorted(METHODS))}; 'sat:0.1' sets that method's eps")
     t = sub.add_parser("train", help="train one method")
     _common(t)
     t.add_argument("--method", default="ima", help=f"one of {sorted(METHODS)} (optionally name:eps)")
@@ -156,33 +151,31 @@ def apply_quick(p, a, specs: tuple) -> tuple:
         said.append(f"{warm} clean warm-up epochs instead of {p.std_warmup_epochs}")
     delta = p.delta
     if any(s.partition(":")[0] == "ima" for s in specs) and a.delta is None:
-        middle = sorted(p.eval_eps)[len(p.eval_eps) // 2]
-        delta, text = quick_delta(p.delta, epochs - warm, middle, p.eps_train)
-        said.append(text)
+        levels = sorted(e for e in p.eval_eps if e > 0)  # eps 0 is the clean row
+        if levels:
+            delta, text = quick_delta(p.delta, epochs - warm, levels[len(levels) // 2], p.eps_train)
+            said.append(text)
     return p.with_(epochs=epochs, std_warmup_epochs=warm, delta=delta), lt, le, "quick: " + "; ".join(said)
 
 
 def _method_overrides(a) -> dict:
-    return {k: getattr(a, k) for k in ("steps", "search_steps", "ima_loss", "ima_beta", "ima_rule", "trades_beta",
-                                       "fat_tau", "mma_clean_weight") if getattr(a, k, None) is not None}
+    """MethodConfig fields given on the command line (eps, delta and norm go through the preset)."""
+    return {f: getattr(a, d) for f, d in FIELD_DESTS.items()
+            if f not in ("eps", "delta", "norm") and getattr(a, d, None) is not None}
 
 
 def _eval_overrides(a) -> dict:
-    eo = {}
-    if a.attacks is not None:
-        eo["attacks"] = tuple(s.strip() for s in a.attacks.split(",") if s.strip())
-    if a.pgd_steps:
-        eo["pgd_steps"] = a.pgd_steps
-    if a.aa_queries:
-        eo["aa_queries"] = a.aa_queries
+    eo = {"attacks": tuple(a.attacks)} if a.attacks is not None else {}
+    eo.update({k: getattr(a, k) for k in ("pgd_steps", "ifgsm_steps", "aa_queries") if getattr(a, k)})
     return eo
 
 
 def check_args(a) -> None:
-    """Everything about the command line that can be checked without data (see :mod:`.checks`)."""
+    """Everything about the command line that can be checked without data (see :mod:`.checks`);
+    settles ``a.device`` (the one default rule: cuda if available, else cpu)."""
     check_numbers(a)
     check_eval_options(a)
-    check_device(a.device)
+    a.device = resolve_device(a.device)
     check_paths(a, a.command)
     check_data_options(a)
 
@@ -191,7 +184,8 @@ def run_config(a, specs: tuple = ()) -> RunConfig:
     """RunConfig from the parsed arguments, after :func:`check_args` and the preset-level checks."""
     check_args(a)
     p = get_preset(a.dataset).with_(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
-                                    norm=a.norm, eps_train=a.eps_train, delta=a.delta, eval_eps=a.eps,
+                                    norm=a.norm, eps_train=a.eps_max, delta=a.delta,
+                                    eval_eps=tuple(a.eps) if a.eps else None,
                                     std_warmup_epochs=a.std_warmup_epochs)
     limit_train, limit_test = a.limit_train, a.limit_test
     message = None
@@ -203,10 +197,10 @@ def run_config(a, specs: tuple = ()) -> RunConfig:
     check_schedule(p, specs, a.init_from, makers)
     if message and a.command != "eval":
         print(message, flush=True)
-    return RunConfig(dataset=a.dataset, data_root=a.data_root, out=a.out, seed=a.seed or 0, device=a.device,
+    return RunConfig(dataset=a.dataset, data_root=a.data_root, out=a.output, seed=a.seed or 0, device=a.device,
                      preset=p, model=a.model, image_size=a.image_size, test_split=a.test_split,
                      val_split=a.val_split, limit_train=limit_train, limit_test=limit_test, eval_split=a.eval_split,
-                     resume=a.resume, overwrite=a.overwrite, init_from=a.init_from, progress=not a.no_progress,
+                     resume=a.resume, overwrite=a.overwrite, init_from=a.init_from, progress=not a.quiet,
                      method_overrides=mo, eval_overrides=_eval_overrides(a))
 
 
@@ -232,7 +226,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_train(a) -> int:
-    spec = parse_methods(a.method, "--method")
+    spec = parse_methods([a.method], "--method")
     cfg = run_config(a, spec)
     cfg.methods = spec
     splits = prepare_run(cfg)
@@ -284,9 +278,9 @@ def cmd_eval(a) -> int:
             check_model(meta["model"], splits.num_classes, splits.in_shape)
         model, _ = model_from_checkpoint(path, a.device)
         ecfg = replace(EvalConfig(eps=cfg.preset.eval_eps, norm=cfg.preset.norm, attacks=cfg.preset.eval_attacks,
-                                  clip=splits.clip, seed=cfg.seed, device=a.device, progress=not a.no_progress),
+                                  clip=splits.clip, seed=cfg.seed, device=a.device, progress=not a.quiet),
                        **cfg.eval_overrides)
-        if not results and (note := aa_announcement(ecfg, splits.num_classes)) and not a.no_progress:
+        if not results and (note := aa_announcement(ecfg, splits.num_classes)) and not a.quiet:
             print(note, flush=True)
         data = splits.val if a.eval_split == "val" else splits.test
         name = _row_name(meta, path, results)
@@ -294,15 +288,15 @@ def cmd_eval(a) -> int:
     print(format_table(results, title=f"{cfg.dataset}, {cfg.preset.norm.upper()} norm"))
     for sentence in verdict(results):
         print(sentence)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(a.out, "table.txt"), format_table(results) + "\n")
-        atomic_write_text(Path(a.out, "results.json"), json.dumps(to_plain(results, for_json=True), indent=1))
+    if a.output:
+        Path(a.output).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(a.output, "table.txt"), format_table(results) + "\n")
+        atomic_write_text(Path(a.output, "results.json"), json.dumps(to_plain(results, for_json=True), indent=1))
     return 0
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval}
-USER_ERRORS = (ArgError, DatasetError, ModelInputError, RunExistsError)
+USER_ERRORS = (UsageError, DatasetError, ModelInputError, RunExistsError)
 
 
 def main(argv=None) -> int:
@@ -313,5 +307,4 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[a.command](a)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(f"{PROG} {a.command}", err)

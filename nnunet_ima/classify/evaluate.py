@@ -83,7 +83,7 @@ def aa_announcement(cfg: EvalConfig, num_classes: int) -> str | None:
     what = ("torchattacks' standard AutoAttack (apgd-ce, apgd-t, fab-t, square 5000 queries)" if num_classes > 2
             else f"AutoAttack for 2 classes (apgd-ce + square, {cfg.aa_queries} queries)")
     ratio = attack_cost("aa", cfg, num_classes) / attack_cost("pgd", cfg, num_classes)
-    others = ",".join(a for a in cfg.attacks if a != "aa") or "pgd"
+    others = " ".join(a for a in cfg.attacks if a != "aa") or "pgd"
     return (f"evaluation runs {what}: up to about {ratio:.0f}x the time of PGD-{cfg.pgd_steps} per noise level; "
             f"leave it out with --attacks {others}")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
+from nnunet_ima.ui import plot_margin_histogram
 
 from . import distributed as ddp
 from .datasets import DatasetError, Splits, load_dataset
@@ -140,7 +141,7 @@ def prepare_run(cfg: RunConfig) -> Splits:
     cfg.out = cfg.out or default_out(cfg.dataset)
     found = existing_outputs(cfg)
     if found and not (cfg.resume or cfg.overwrite):
-        raise RunExistsError(f"--out {cfg.out} already holds a run ({', '.join(found[:3])}"
+        raise RunExistsError(f"--output {cfg.out} already holds a run ({', '.join(found[:3])}"
                              f"{', ...' if len(found) > 3 else ''}); pass --resume to continue it or --overwrite "
                              "to start again")
     splits = load_splits(cfg)
@@ -247,7 +248,8 @@ def write_outputs(cfg: RunConfig, splits: Splits, trained: dict, results: dict, 
     extra["files"].append("accuracy_vs_eps.png")
     for m, tr in trained.items():
         if getattr(tr.method, "uses_margins", False):
-            tr.method.store.plot_histogram(out / f"margins_{m}.png", title=f"{m.upper()} margins on {splits.name}")
+            plot_margin_histogram(tr.method.store, out / f"margins_{m}.png",
+                                  title=f"{m.upper()} margins on {splits.name}")
             extra["files"].append(f"margins_{m}.png")
             extra[f"suggested_sat_eps_{m}"] = tr.method.store.suggest_sat_eps()
             extra[f"margins_{m}"] = tr.method.store.summary()

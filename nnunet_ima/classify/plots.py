@@ -1,11 +1,11 @@
 """Figures: accuracy vs noise level, IMA's margin histogram, and for 2-D data the decision
-boundaries of each model (earlier paper, Fig. 6). Headless matplotlib (``nnunet_ima.plumbing.pyplot``)."""
+boundaries of each model (earlier paper, Fig. 6). Headless matplotlib (``nnunet_ima.ui.pyplot``)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from nnunet_ima.plumbing import pyplot
+from nnunet_ima.ui import pyplot
 
 from .evaluate import ATTACKS
 

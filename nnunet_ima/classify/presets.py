@@ -55,7 +55,7 @@ PRESETS: dict[str, Preset] = {
     "covid": Preset("resnet18_in", "l2", 12.0, 2.0, 100, 32, eval_eps=(1.0, 2.0, 3.0)),
     # any ImageFolder: generic values (our choice), the model chosen from the image size (papers' models
     # where the size fits them: ResNet-18 from 33 px, the papers' CNN at 25..32 px, an MLP below);
-    # AutoAttack opt-in (--attacks pgd,ifgsm,aa). Override on the command line.
+    # AutoAttack opt-in (--attacks pgd ifgsm aa). Override on the command line.
     "imagefolder": Preset("resnet18_in", "l2", 3.0, 0.1, 30, 32, eval_eps=(0.5, 1.0, 1.5),
                           eval_attacks=("pgd", "ifgsm"), model_by_size=True, note="generic defaults; our choice"),
 }

@@ -1,8 +1,9 @@
 """What a comparison table shows, in one plain sentence per noise level (as the demo's verdict).
 
-For every eps: IMA's accuracy under attack (the lowest over the attacks in the table at that eps)
-against each other method's, and IMA's clean accuracy against STD's. Differences smaller than
-:data:`LEVEL` percentage points are called level.
+For every eps > 0 (eps 0 is the clean accuracy, which every sentence states): IMA's accuracy under
+attack (the lowest over the attacks in the table at that eps) against each other method's, and IMA's
+clean accuracy against STD's. Differences smaller than :data:`LEVEL` percentage points are called
+level.
 
 Example: ``verdict({"std": {"clean": .95, "pgd": {0.5: .40}}, "ima": {"clean": .90, "pgd": {0.5: .62}}})``
 gives ``["At eps 0.5 under attack (PGD), IMA is above STD (62.0% vs 40.0%, +22.0 points); clean
@@ -67,7 +68,7 @@ def verdict(results: dict) -> list[str]:
     if ima is None:
         return []
     attacks = [a for a in ATTACKS if a in results[ima]]
-    levels = sorted({float(e) for a in attacks for e in results[ima][a]})
+    levels = sorted({float(e) for a in attacks for e in results[ima][a] if float(e) > 0})  # eps 0: the clean row
     out = []
     for e in levels:
         present = [a for a in attacks if e in results[ima][a]]
