@@ -91,6 +91,7 @@ def test_command_runs_and_writes_everything(e2e):
     assert all(r["n_samples"] == 16 for r in results["rows"])  # 2 test cases x 8 slices
     checks = {c["check"]: c["status"] for c in results["checks"]}
     assert checks["eps0_equals_clean[pgd]"] == "ok"
+    assert checks["budget[pgd]"] == "ok" and checks["budget[ifgsm]"] == "ok"
     assert checks["large_eps_near_zero"] == "ok"
     assert checks["non_increasing[pgd]"] == "ok"
     for name in ("more_steps[pgd]", "more_steps[ifgsm]"):
@@ -227,8 +228,8 @@ def test_bad_input_gives_one_clear_message(env, tmp_path, change, message):
 
 
 # --------------------------------------------------------------------------------------- worst case
-def test_worst_is_the_per_sample_minimum_of_the_attacks(e2e):
-    """The "worst" row = per sample the lowest Dice over PGD and IFGSM at that eps (AutoAttack's
+def test_worst_is_the_per_sample_minimum_of_clean_and_the_attacks(e2e):
+    """The "worst" row = per sample the lowest Dice over clean, PGD and IFGSM at that eps (AutoAttack's
     reporting), recomputed here by hand from the stored per-sample counts."""
     from nnunet_ima.predicates import dice_from_counts, reduce_classes
     import torch
@@ -237,15 +238,17 @@ def test_worst_is_the_per_sample_minimum_of_the_attacks(e2e):
     per_sample = {}
     for run in results["runs"]:
         k = run["key"]
-        if k["eps"] == LARGE_EPS and k["attack"] in ("pgd", "ifgsm"):
+        if (k["eps"] == LARGE_EPS and k["attack"] in ("pgd", "ifgsm")) or k["attack"] == "clean":
             z = np.load(out / run["samples"])
             d = dice_from_counts(*(torch.as_tensor(z[n]) for n in ("tp", "fp", "fn")))
             per_sample[k["attack"]] = reduce_classes(d).numpy()
-    assert set(per_sample) == {"pgd", "ifgsm"}
+    assert set(per_sample) == {"clean", "pgd", "ifgsm"}
     worst = rows(results, "worst", LARGE_EPS)[0]
-    assert worst["worst_of"] == "pgd,ifgsm"
-    assert worst["adi"] == pytest.approx(np.minimum(per_sample["pgd"], per_sample["ifgsm"]).mean())
+    assert worst["worst_of"] == "clean,pgd,ifgsm"
+    lowest = np.minimum.reduce([per_sample[a] for a in ("clean", "pgd", "ifgsm")])
+    assert worst["adi"] == pytest.approx(lowest.mean())
     assert worst["adi"] <= min(rows(results, a, LARGE_EPS)[0]["adi"] for a in ("pgd", "ifgsm"))
+    assert rows(results, "worst", 0.0)[0]["adi"] == pytest.approx(per_sample["clean"].mean())
 
 
 # --------------------------------------------------------------------------------------- reuse (issue 12)
