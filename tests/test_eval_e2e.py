@@ -307,3 +307,29 @@ def test_rerun_recomputes_exactly_what_changed(env, tmp_path, monkeypatch):
     assert "results.json is damaged" in stdout and "kept as results.json.damaged" in stdout
     assert (out / "results.json.damaged").read_text() == text[: len(text) // 2]
     assert len(rows(json.loads((out / "results.json").read_text()), "ifgsm")) == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_strong_suite_runs_and_keeps_what_it_finds(env, tmp_path):
+    """--suite strong on the trained model (few steps): every attack runs, the PGD-type attacks keep their
+    best iterate (written in each row), and worst is never above clean per sample."""
+    from nnunet_ima.predicates import dice_from_counts, reduce_classes
+    import torch
+
+    out = tmp_path / "strong"
+    rc, stdout, stderr = attack(common(env, out) + ["--eps", "2", "--suite", "strong", "--pgd-steps", "2", "--steps", "2",
+                                                    "--apgd-steps", "3", "--max-samples", "4", "--no-sanity"])
+    assert rc == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    got = {r["attack"]: r for r in results["rows"] if r["class"] == "mean" and r["eps"] == 2.0}
+    assert set(got) == {"pgd", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js", "worst"}
+    assert all(got[a]["iterate"] == "best-project" for a in got if a != "worst")
+    assert got["worst"]["worst_of"] == "clean,pgd,segpgd,cospgd,apgd-mce,apgd-bmce,apgd-js"
+    per_sample = {}
+    for run in results["runs"]:
+        z = np.load(out / run["samples"])
+        d = dice_from_counts(*(torch.as_tensor(z[n]) for n in ("tp", "fp", "fn")))
+        per_sample[run["key"]["attack"]] = reduce_classes(d).numpy()
+    lowest = np.minimum.reduce(list(per_sample.values()))
+    assert got["worst"]["adi"] == pytest.approx(lowest.mean())
+    assert (lowest <= per_sample["clean"]).all()

@@ -336,3 +336,25 @@ def test_budget_check_passes_the_attacks_and_names_the_defects_it_catches():
     too_far = ev.run("pgd", 1.0, custom=lambda b, y, e, gen: b.x + 1.5 * (ev.attack("pgd", b, y, e, 2, gen) - b.x))
     res = check_budget(ev, [too_far])
     assert res["status"] == "warning" and "beyond eps" in res["message"] and "larger eps" in res["message"]
+
+
+def test_iterate_follows_the_suite_and_is_part_of_the_run_key():
+    """--suite strong keeps each sample's lowest-Dice iterate, the papers' attacks keep their final point; the
+    stored run says which (and in which convention), so a rerun with another choice recomputes it."""
+    from nnunet_ima_eval.cli import _check_attacks, build_parser
+
+    def resolved(*extra):
+        args = build_parser().parse_args(["-d", "4", "-o", "out", "--eps", "2", *extra])
+        _check_attacks(args)
+        return args
+
+    strong, paper = resolved("--suite", "strong"), resolved("--attacks", "pgd", "apgd-mce", "worst")
+    assert (strong.iterate, strong.apgd_steps, paper.iterate) == ("best", 300, "final")
+    assert resolved("--suite", "strong", "--iterate", "final").iterate == "final"
+    s = AttackSettings(iterate=paper.iterate)
+    assert (s.iterate_of("pgd"), s.iterate_of("apgd-mce"), s.iterate_of("worst")) == ("final", "best-project", "final")
+    b = AttackSettings(iterate="best", convention="paper")
+    assert b.iterate_of("pgd") == "best-paper" and b.keeps_best("ifgsm") and not b.keeps_best("clean")
+    from nnunet_ima_eval.report import KEY_FIELDS
+
+    assert "iterate" in KEY_FIELDS
