@@ -18,7 +18,7 @@ from nnunet_ima.plumbing import OneLineParser
 
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
-from .runner import STRONG_APGD_STEPS, SUITES, WORST
+from .runner import ITERATES, STRONG_APGD_STEPS, SUITES, WORST
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
                    help="attacks to run: pgd (random start), ifgsm (the papers'), segpgd, cospgd, apgd, apgd-mce, "
                         "apgd-bmce, apgd-js (those the installed kernel offers), and worst = per sample the lowest "
-                        "Dice over the other attacks at that eps (AutoAttack's reporting); None = pgd ifgsm")
+                        "Dice over clean and the other attacks at that eps (AutoAttack's reporting); None = pgd ifgsm")
     p.add_argument("--suite", choices=sorted(SUITES), default=None,
                    help="a preset instead of --attacks: paper = pgd ifgsm; strong = pgd segpgd cospgd apgd-mce "
                         "apgd-bmce apgd-js worst (a Croce-style ensemble)")
+    p.add_argument("--iterate", choices=list(ITERATES), default=None,
+                   help="the point of pgd, ifgsm, segpgd, cospgd a sample is counted at: final (the papers' protocol) or "
+                        "best (per sample the iterate with the lowest Dice, at no extra attack cost); None = final, "
+                        "best with --suite strong. The apgd attacks always return their lowest-Dice iterate (SEA)")
     p.add_argument("--norm", choices=["l2", "linf"], default="l2",
                    help="norm of the perturbation budget eps: l2 (the papers') or linf")
     p.add_argument("--loss", choices=["dicece", "ce"], default="dicece",
@@ -109,6 +113,8 @@ def _check_attacks(args) -> None:
     args.attacks = attacks + ([WORST] if WORST in names else [])
     if args.apgd_steps is None:
         args.apgd_steps = STRONG_APGD_STEPS if args.suite == "strong" else 100
+    if args.iterate is None:
+        args.iterate = "best" if args.suite == "strong" else "final"
 
 
 def validate(args) -> None:

@@ -190,22 +190,30 @@ def summarize(c: Counts, convention: str = DEFAULT_ADI) -> dict:
             "n_samples": c.n, "n_empty": n_empty, "adi_convention": convention}
 
 
-def worst_counts(runs: list[Counts], convention: str = DEFAULT_ADI) -> tuple[Counts, np.ndarray]:
-    """AutoAttack's reporting: per sample, the counts of the attack with the lowest per-sample Dice.
+def sample_dice_of(c: Counts, convention: str = DEFAULT_ADI) -> np.ndarray:
+    """The per-sample Dice that ranks points (N,): the convention's (:func:`sample_dice`); for samples the
+    paper's ADI skips (no foreground in the ground truth), the project's. The attacks that keep their
+    best iterate and ``worst`` minimise this."""
+    s = sample_dice(c, convention)
+    return np.where(np.isnan(s), sample_dice(c, "project"), s)
 
-    ``runs``: counts of several attacks on the same samples (same order). Returns (counts, (N,) index
-    of the chosen attack; the first on ties). The Dice that decides is the convention's
-    (:func:`sample_dice`); for samples the paper's ADI skips, the project's per-sample Dice decides.
-    Every figure of the result (ADI, TVDI, 3D Dice) is computed from these counts."""
-    if not runs:
+
+def worst_counts(clean: Counts, attacks: list[Counts], convention: str = DEFAULT_ADI) -> tuple[Counts, np.ndarray]:
+    """AutoAttack's reporting for Dice: per sample, the counts of the lowest per-sample Dice over the
+    clean prediction AND every attack (a sample is counted robust only when it is right clean and
+    under every attack, so no sample is reported above its clean score).
+
+    ``clean``, ``attacks``: counts of the same samples (same order). Returns (counts, (N,) index of the
+    chosen run: 0 = clean, i = ``attacks[i - 1]``; the first on ties). The Dice that decides is
+    :func:`sample_dice_of` (the convention's). Every figure of the result (ADI, TVDI, 3D Dice) is
+    computed from these counts."""
+    if not attacks:
         raise ValueError("worst: no attack results to take the minimum over")
-    n = runs[0].n
-    if any(r.n != n or r.cases != runs[0].cases for r in runs):
-        raise ValueError("worst: the attacks' results are not over the same samples")
-    scores = []
-    for r in runs:
-        s = sample_dice(r, convention)
-        scores.append(np.where(np.isnan(s), sample_dice(r, "project"), s))
-    choice = np.argmin(np.stack(scores), 0) if n else np.zeros(0, np.int64)
+    runs = [clean, *attacks]
+    n = clean.n
+    if any(r.n != n or r.cases != clean.cases for r in runs):
+        raise ValueError("worst: the clean and attack results are not over the same samples")
+    scores = np.stack([sample_dice_of(r, convention) for r in runs])
+    choice = np.argmin(scores, 0) if n else np.zeros(0, np.int64)
     pick = (lambda name: np.stack([getattr(r, name) for r in runs])[choice, np.arange(n)])
-    return Counts(pick("tp"), pick("fp"), pick("fn"), list(runs[0].cases)), choice
+    return Counts(pick("tp"), pick("fp"), pick("fn"), list(clean.cases)), choice

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_ima.losses import first
+from nnunet_ima.losses import first, valid_pixels
 
 from .errors import EvalError
 
@@ -196,8 +196,10 @@ class PerSampleLoss(torch.nn.Module):
     ``DC_and_CE_loss`` and the tests check that both agree. ``ce`` is per-pixel cross-entropy
     averaged per sample.
 
-    ``mask`` (B, 1, *S), set per batch: 1 on each sample's real region, 0 on padding. Padding is left
-    out of every sum (the same as cutting it away before the loss), so it never drives the attack.
+    Pixels that do not count (the kernel's one rule, :func:`nnunet_ima.losses.valid_pixels`: labelled
+    ``NOT_SCORED``, as the evaluation marks padding and the ignore label, or labelled ``ignore_label``)
+    are left out of every sum (the same as cutting padding away before the loss), so they never drive
+    the attack, whatever their logits.
     """
 
     def __init__(self, kind: str, batch_dice: bool, ignore_label: int | None, smooth: float = 1e-5):
@@ -208,29 +210,27 @@ class PerSampleLoss(torch.nn.Module):
         self.batch_dice = batch_dice
         self.ignore_label = ignore_label
         self.smooth = smooth
-        self.mask: torch.Tensor | None = None
 
     def forward(self, output, y):
         logits = first(output)
-        t = y.long()
-        keep = torch.ones_like(t, dtype=logits.dtype) if self.mask is None else self.mask.to(logits.dtype)
-        if self.ignore_label is not None:
-            keep = keep * (t != self.ignore_label).to(logits.dtype)
-            t = torch.where(t == self.ignore_label, torch.zeros_like(t), t)
+        keep_b = valid_pixels(y.long(), ignore_label=self.ignore_label)
+        keep = keep_b.to(logits.dtype)
+        t = torch.where(keep_b, y.long(), torch.zeros_like(y, dtype=torch.long))
         axes = tuple(range(2, logits.ndim))
         n = keep.sum(axes).squeeze(1)
         ce = torch.nn.functional.cross_entropy(logits, t[:, 0], reduction="none").unsqueeze(1)
-        ce = (ce * keep).sum(axes).squeeze(1) / n.clamp_min(1)
+        ce = torch.where(keep_b, ce, torch.zeros_like(ce)).sum(axes).squeeze(1) / n.clamp_min(1)
         if self.kind == "ce":
             return ce
-        p = torch.softmax(logits, 1)[:, 1:] * keep
+        p = torch.where(keep_b, torch.softmax(logits, 1), torch.zeros_like(logits))[:, 1:]
         onehot = torch.zeros_like(logits).scatter_(1, t, 1.0)[:, 1:] * keep
         intersect = (p * onehot).sum(axes)
         dc = (2 * intersect + self.smooth) / (onehot.sum(axes) + p.sum(axes) + self.smooth).clamp_min(1e-8)
         return ce - dc.mean(1)
 
-    def reference(self, output, y):
-        """The literal definition: nnU-Net's DC_and_CE_loss on each sample's real region, one by one."""
+    def reference(self, output, y, pad: torch.Tensor | None = None):
+        """The literal definition: nnU-Net's DC_and_CE_loss on each sample's real region (``pad`` (B, *S)
+        True on padding, cut away), one sample at a time, with the raw labels (``ignore_label`` as is)."""
         from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
@@ -239,7 +239,7 @@ class PerSampleLoss(torch.nn.Module):
                               dice_class=MemoryEfficientSoftDiceLoss)
         out = []
         for i in range(output.shape[0]):
-            m = torch.ones_like(y[i, 0], dtype=torch.bool) if self.mask is None else self.mask[i, 0] > 0
+            m = torch.ones_like(y[i, 0], dtype=torch.bool) if pad is None else ~pad[i]
             crop = tuple(slice(0, int(v.max()) + 1) for v in torch.nonzero(m, as_tuple=True))
             o, t = output[(slice(i, i + 1), slice(None)) + crop], y[(slice(i, i + 1), slice(None)) + crop]
             if self.kind == "ce":

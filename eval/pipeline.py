@@ -5,8 +5,9 @@
 2. :func:`evaluate_model` - per model: which results can be reused (same settings and same inputs)
    and which must be computed (saying why); load the model and data only if something is to be
    computed; check the label values; attack; sanity checks.
-3. :func:`publish` - the figures of every result (ADI convention of this run, the "worst" group),
-   monotonicity checks, results.json / results.csv, tables, plot.
+3. :func:`publish` - the figures of every result (ADI convention of this run, the "worst" group:
+   per sample the lowest Dice over clean and every attack at that eps), monotonicity checks,
+   results.json / results.csv, tables, plot.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from .errors import EvalError
 from .metrics import MEAN, adi, summarize, worst_counts
 from .model import dataset_name, load_model, locate
 from .provenance import CODE_VERSION, data_inputs, file_digest, versions
-from .runner import CLEAN, WORST, AttackSettings, Evaluator, monotonicity_checks
+from .runner import CLEAN, WORST, AttackSettings, Evaluator
+from .sanity import (check_budget, check_eps0, check_gradient_free, check_large_eps, check_more_steps, check_noise,
+                     monotonicity_checks)
 
 
 @dataclass
@@ -62,8 +65,7 @@ def prepare(args) -> Plan:
         _check_raw_layout(args, next(iter(ckpts.values())))
     settings = AttackSettings(norm=args.norm, loss=args.loss, pgd_steps=args.pgd_steps, ifgsm_steps=args.ifgsm_steps,
                               steps_other=args.steps_other, apgd_steps=args.apgd_steps, batch_size=args.batch_size,
-                              seed=args.seed,
-                              convention=args.adi_convention)
+                              seed=args.seed, convention=args.adi_convention, iterate=args.iterate)
     source = "fold" if not args.images else f"raw:{os.path.abspath(args.images)}"
     store = report.ResultStore(Path(args.output), overwrite=args.overwrite)
     for m in store.messages:
@@ -82,9 +84,10 @@ def common_key(plan: Plan, tr: str) -> dict:
 def run_keys(plan: Plan, tr: str) -> list[dict]:
     """The clean run and every (attack, eps) run of model ``tr``, with the settings that define them."""
     c, s = common_key(plan, tr), plan.settings
-    keys = [{**c, "attack": CLEAN, "eps": 0.0, "norm": "-", "loss": "-", "steps": 0, "seed": "-", "batch_size": "-"}]
+    keys = [{**c, "attack": CLEAN, "eps": 0.0, "norm": "-", "loss": "-", "steps": 0, "seed": "-", "batch_size": "-",
+             "iterate": "-"}]
     keys += [{**c, "attack": a, "eps": e, "norm": s.norm, "loss": s.loss, "steps": s.steps(a), "seed": s.seed,
-              "batch_size": s.batch_size} for a in plan.attacks for e in plan.eps_list]
+              "batch_size": s.batch_size, "iterate": s.iterate_of(a)} for a in plan.attacks for e in plan.eps_list]
     return keys
 
 
@@ -161,13 +164,15 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
     keep = _choose_examples(ev, plan.args.save_examples)
     clean = ev.run(CLEAN, 0.0, keep=keep)
     extra = {"versions": versions()}
+    computed = {}  # attack -> its evaluations computed now (the budget check reads their perturbations)
     for k, _ in todo:
         evaluation = clean if k["attack"] == CLEAN else ev.run(k["attack"], k["eps"], keep=keep)
         plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, ev.model.class_names, extra)
         found[report.row_key(k)] = evaluation.counts
         if k["attack"] != CLEAN:
+            computed.setdefault(k["attack"], []).append(evaluation)
             _say_and_save_examples(plan, ev, evaluation, clean)
-    checks = [] if plan.args.no_sanity else sanity_checks(plan, ev, keys, found, clean)
+    checks = [] if plan.args.no_sanity else sanity_checks(plan, ev, keys, found, clean, computed)
     plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + checks
     plan.store.save()
     return found
@@ -192,22 +197,24 @@ def middle_eps(eps_list: list) -> float | None:
     return pos[len(pos) // 2] if pos else None
 
 
-def sanity_checks(plan: Plan, ev: Evaluator, keys: list[dict], found: dict, clean) -> list[dict]:
-    """eps = 0 reproduces clean; a huge eps breaks a standard model; at the middle eps: 5x the steps
-    do not find much lower Dice, random noise and a gradient-free search are weaker than the white box."""
+def sanity_checks(plan: Plan, ev: Evaluator, keys: list[dict], found: dict, clean, computed: dict) -> list[dict]:
+    """The runs computed now stay in their eps-ball and off padding; eps = 0 reproduces clean; a huge eps
+    breaks a standard model; at the middle eps: 5x the steps do not find much lower Dice, random noise
+    and a gradient-free search are weaker than the worst case (see :mod:`.sanity`). In ``--adi``'s convention."""
+    checks = [check_budget(ev, runs) for runs in computed.values()]
     # each attack at eps 0, run through its own steps (the reported eps-0 rows skip them: the 0-ball holds x)
-    checks = [ev.check_eps0(a, clean) for a in plan.attacks]
-    checks.append(ev.check_large_eps(clean))
+    checks += [check_eps0(ev, a, clean) for a in plan.attacks]
+    checks.append(check_large_eps(ev, clean))
     mid = middle_eps(plan.eps_list)
     if mid is None:
         return checks
     at_mid = {k["attack"]: found[report.row_key(k)] for k in keys if k["eps"] == mid and k["attack"] != CLEAN}
     conv = plan.settings.convention
     strongest = min(at_mid, key=lambda a: adi(at_mid[a], conv)[MEAN])
-    whitebox = worst_counts(list(at_mid.values()), conv)[0]
-    checks.append(ev.check_more_steps(strongest, mid, at_mid[strongest]))
-    checks.append(ev.check_noise(mid, whitebox))
-    checks.append(ev.check_gradient_free(mid, whitebox))
+    whitebox = worst_counts(clean.counts, list(at_mid.values()), conv)[0]
+    checks.append(check_more_steps(ev, strongest, mid, at_mid[strongest]))
+    checks.append(check_noise(ev, mid, whitebox))
+    checks.append(check_gradient_free(ev, mid, whitebox))
     return checks
 
 
@@ -219,16 +226,18 @@ def _classes(plan: Plan, key: dict) -> dict:
 
 def figures(plan: Plan, tr: str, found: dict) -> tuple[list[dict], list[dict]]:
     """Rows and per-case rows of model ``tr`` from the counts (this run's ADI convention), with the
-    "worst" group when asked: per sample the attack with the lowest Dice at that eps."""
+    "worst" group when asked: per sample the lowest Dice over clean and every attack at that eps."""
     conv = plan.settings.convention
     keys = run_keys(plan, tr)
     classes = _classes(plan, keys[0])
     items = [(k, found[report.row_key(k)], plan.store.run_of(k)["seconds"]) for k in keys]
+    clean = items[0][1]
     if plan.worst:
         for e in plan.eps_list:
             group = [(k, c, t) for k, c, t in items if k["attack"] != CLEAN and k["eps"] == e]
-            counts, _ = worst_counts([c for _, c, _ in group], conv)
-            key = {**group[0][0], "attack": WORST, "steps": 0, "worst_of": ",".join(k["attack"] for k, _, _ in group)}
+            counts, _ = worst_counts(clean, [c for _, c, _ in group], conv)
+            key = {**group[0][0], "attack": WORST, "steps": 0, "iterate": "-",
+                   "worst_of": ",".join([CLEAN] + [k["attack"] for k, _, _ in group])}
             items.append((key, counts, sum(t for _, _, t in group)))
     rows, per_case = [], []
     for k, counts, seconds in items:

@@ -6,10 +6,12 @@
   the fingerprints of what produced it (``inputs``: checkpoint, images, labels, code; see
   :mod:`.provenance`), its time, and the file under ``samples/`` holding its per-sample TP/FP/FN
   counts. A rerun reuses a run only when key and inputs are both the same; figures are always
-  recomputed from the counts, so changing ``--adi`` or adding ``worst`` needs no new attack.
+  recomputed from the counts, so adding ``worst`` needs no new attack, nor does changing ``--adi``
+  except for runs that keep their best iterate (APGD, ``--iterate best``): their point is the one with
+  the lowest Dice of the convention, so another convention is another run.
 * ``rows`` (also ``results.csv``): one per (model, attack, eps, class) with ADI, TVDI and per-case 3D
   Dice (class "mean" = over foreground classes), for the last run's selection plus the rows of models
-  it did not touch. ``attack`` "worst" = per sample the lowest Dice over the attacks at that eps.
+  it did not touch. ``attack`` "worst" = per sample the lowest Dice over clean and the attacks at that eps.
 
 Files are rewritten atomically (fsync) after every finished (model, attack, eps), so an interrupted
 run loses at most the noise level in progress. A results file that cannot be read is renamed aside
@@ -33,11 +35,12 @@ from .metrics import MEAN, Counts
 
 RESULTS_VERSION = 2
 FIELDS = ["model", "attack", "eps", "class", "class_id", "adi", "tvdi", "dice3d", "n_samples", "n_empty",
-          "adi_convention", "norm", "loss", "steps", "worst_of", "seed", "batch_size", "dataset", "configuration",
-          "plans", "fold", "checkpoint", "source", "max_samples", "seconds"]
+          "adi_convention", "norm", "loss", "steps", "iterate", "worst_of", "seed", "batch_size", "dataset",
+          "configuration", "plans", "fold", "checkpoint", "source", "max_samples", "seconds"]
 # settings that define a run (besides its inputs): a rerun reuses a finished run only if all of these match
-KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "seed", "batch_size", "dataset", "configuration",
-              "plans", "fold", "checkpoint", "source", "max_samples"]
+# ("iterate": "final", or "best-<ADI convention>" for a run that keeps each sample's lowest-Dice iterate)
+KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "iterate", "seed", "batch_size", "dataset",
+              "configuration", "plans", "fold", "checkpoint", "source", "max_samples"]
 
 
 def row_key(row: dict) -> str:

@@ -5,14 +5,21 @@ explicit start ``delta_init`` as in advertorch), with the norm as a strategy obj
 (:mod:`nnunet_ima.norms`) and the loss injectable (:mod:`nnunet_ima.losses`; losses that declare
 ``uses_progress`` receive the iteration progress k / K, e.g. SegPGD's weighting). Nothing is clipped to
 [0, 1] unless ``clip`` says so: nnU-Net inputs are z-scored.
+
+``best=True`` returns, per sample, the iterate x_0..x_K with the lowest ``score`` (default the
+per-sample Dice, :func:`default_score`) instead of the final point: the iterates' outputs exist
+already for their gradients, so it costs one forward (of x_K). The papers' protocol is the final
+point (``best=False``). ``region`` restricts the perturbation (random start and steps) to part of
+the input, e.g. the real image of a padded slice.
 """
 from __future__ import annotations
 
 import torch
 
 from ._model import attack_mode
-from .losses import LossFn, evaluate_loss, get_loss
-from .norms import Norm, _per_sample, get_norm
+from .losses import LossFn, evaluate_loss, first, get_loss
+from .norms import Norm, _per_sample, as_region, get_norm, restrict
+from .predicates import argmax_correct, per_sample_dice
 from .validation import check_inputs, on_finite_rows
 
 
@@ -59,14 +66,57 @@ def check_delta_init(delta_init, x: torch.Tensor):
 
 
 def start_point(x: torch.Tensor, eps: torch.Tensor, norm: Norm, *, delta_init=None, random_start: bool = False,
-                clip=None, generator=None) -> torch.Tensor:
+                clip=None, generator=None, region=None) -> torch.Tensor:
     """The first iterate x_0 = clip(x + Pi_eps(delta)) (B, ...): delta = ``delta_init`` when given (projected
-    into each sample's ball), else uniform in the ball if ``random_start``, else 0 (x itself)."""
+    into each sample's ball), else uniform in the ball if ``random_start``, else 0 (x itself); delta is
+    0 outside ``region`` (a float mask of x's shape, :func:`nnunet_ima.norms.as_region`; None: everywhere),
+    and the random draw spends the whole budget inside it."""
     if delta_init is not None:
-        return _clip(x + norm.project(delta_init, eps), clip)
+        return _clip(x + norm.project(restrict(delta_init, region), eps), clip)
     if random_start:
-        return _clip(x + norm.project(norm.random(x, eps, generator), eps), clip)
+        return _clip(x + norm.project(norm.random(x, eps, generator, region), eps), clip)
     return x.clone()
+
+
+def default_score(output, y) -> torch.Tensor:
+    """The per-sample figure an attack that keeps its best iterate minimises (B,) float64: for a dense
+    output the per-sample foreground Dice (:func:`nnunet_ima.predicates.per_sample_dice`, uncounted
+    pixels left out); for a (B, C) classifier 1 while the sample is classified correctly, else 0
+    (AutoAttack's robust accuracy)."""
+    logits = first(output)
+    if logits.dim() > 2:
+        return per_sample_dice(logits, y)
+    return argmax_correct(logits, y).double()
+
+
+def evaluate_score(score_fn, output, y, b: int) -> torch.Tensor:
+    """``score_fn(output, y)`` under no_grad, checked to be per sample (B,)."""
+    with torch.no_grad():
+        s = torch.as_tensor(score_fn(output, y))
+    if s.shape != (b,):
+        raise ValueError(f"score: expected per-sample scores of shape ({b},), got {tuple(s.shape)}")
+    return s.to(torch.float64)
+
+
+class BestIterate:
+    """Per sample the iterate with the lowest score so far (ties: the later iterate, as SEA's
+    ``apgd_train`` keeps its lowest-accuracy point with ``<=``). x (B, ...), score (B,)."""
+
+    def __init__(self, x0: torch.Tensor, s0: torch.Tensor):
+        self.x, self.score = x0.detach().clone(), s0.clone()
+
+    def offer(self, x: torch.Tensor, s: torch.Tensor) -> None:
+        take = s.to(self.score.device) <= self.score
+        self.x[take.to(self.x.device)] = x.detach()[take.to(x.device)]
+        self.score = torch.where(take, s.to(self.score.device), self.score)
+
+
+def _offer(keeper: BestIterate | None, x_adv, out, y, score_fn) -> BestIterate:
+    s = evaluate_score(score_fn, out, y, x_adv.shape[0])
+    if keeper is None:
+        return BestIterate(x_adv, s)
+    keeper.offer(x_adv, s)
+    return keeper
 
 
 def gradient(model, x_adv: torch.Tensor, y, loss_fn: LossFn, progress: float = 0.0):
@@ -89,58 +139,73 @@ def step(x: torch.Tensor, x_adv: torch.Tensor, g: torch.Tensor, eps, alpha, norm
 
 def perturb_iterative(model, x, y, eps, *, norm: str | Norm = "l2", steps: int = 10, step_size=None,
                       random_start: bool = False, loss: str | LossFn = "ce", clip=None, model_mode: str = "eval",
-                      generator: torch.Generator | None = None, delta_init: torch.Tensor | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, delta_init: torch.Tensor | None = None,
+                      region=None, best: bool = False, score=None) -> torch.Tensor:
     """The shared loop of PGD and IFGSM: ``steps`` normalised-gradient ascent steps, projected onto
     each sample's eps-ball. Samples with NaN/Inf are returned unchanged (with a warning).
 
     Start: ``delta_init`` (B, ...) when given (advertorch's name; projected into each sample's ball,
-    ``random_start`` is then ignored), else a uniform random point if ``random_start``, else x."""
+    ``random_start`` is then ignored), else a uniform random point if ``random_start``, else x.
+    ``region`` (broadcastable to x): the elements the attack may change. ``best``: return per sample
+    the iterate with the lowest ``score(output, y) -> (B,)`` (default :func:`default_score`)."""
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    norm = get_norm(norm)
-    loss_fn = get_loss(loss)
-    clip = check_clip(clip)
+    norm, loss_fn, clip = get_norm(norm), get_loss(loss), check_clip(clip)
+    score_fn = score or default_score
     eps_t, valid = check_inputs(x, y, eps)
-    delta_init = check_delta_init(delta_init, x)
+    delta_init, region = check_delta_init(delta_init, x), as_region(region, x)
     alpha = resolve_step_size(step_size, eps_t, steps)
     x = x.detach()
     if not bool(valid.all()):
         return on_finite_rows(
-            lambda xs, ys, es, al, di: perturb_iterative(
+            lambda xs, ys, es, al, di, rg: perturb_iterative(
                 model, xs, ys, es, norm=norm, steps=steps, step_size=al, random_start=random_start, loss=loss_fn,
-                clip=clip, model_mode=model_mode, generator=generator, delta_init=di),
-            x, valid, y, eps_t, alpha, delta_init)
+                clip=clip, model_mode=model_mode, generator=generator, delta_init=di, region=rg, best=best,
+                score=score_fn),
+            x, valid, y, eps_t, alpha, delta_init, region)
+    keeper = None
     with attack_mode(model, model_mode):
         x_adv = start_point(x, eps_t, norm, delta_init=delta_init, random_start=random_start, clip=clip,
-                            generator=generator)
+                            generator=generator, region=region)
         for k in range(steps):
-            _, g = gradient(model, x_adv, y, loss_fn, progress=k / steps)
-            x_adv = step(x, x_adv, g, eps_t, alpha, norm, clip)
+            out, g = gradient(model, x_adv, y, loss_fn, progress=k / steps)
+            if best:  # the iterate x_k, scored off the forward its gradient needed
+                keeper = _offer(keeper, x_adv, out, y, score_fn)
+            x_adv = step(x, x_adv, restrict(g, region), eps_t, alpha, norm, clip)
+        if best:  # x_K: the one forward the final point costs
+            with torch.no_grad():
+                keeper = _offer(keeper, x_adv, model(x_adv), y, score_fn)
+            x_adv = keeper.x
     return x_adv.detach()
 
 
 def pgd(model, x, y, eps, *, norm="l2", steps: int = 100, step_size=None, random_start: bool = True,
-        loss="ce", clip=None, model_mode: str = "eval", generator=None, delta_init=None) -> torch.Tensor:
+        loss="ce", clip=None, model_mode: str = "eval", generator=None, delta_init=None, region=None,
+        best: bool = False, score=None) -> torch.Tensor:
     """Projected gradient descent (Madry et al.) with a random start in the eps-ball.
 
     Shape: x (B, C, *S); y labels (B,) / (B, *S) / (B, 1, *S) or anything the loss accepts;
     eps a float or a (B,) tensor. Returns the adversarial batch, same shape as x.
     Default step size 4 * eps / steps (the papers' alpha). ``delta_init`` (B, ...): an explicit start
-    perturbation instead of the random one (e.g. TRADES' x + 0.001 N(0, I)).
+    perturbation instead of the random one (e.g. TRADES' x + 0.001 N(0, I)). ``best=True``: per sample
+    the lowest-Dice iterate instead of the final point (see the module docstring); ``region``: where
+    the perturbation may go (e.g. (B, 1, *S), 0 on padding).
 
     >>> x_adv = pgd(model, x, y, eps=2.0, steps=100)                 # L2, CE loss
     >>> x_adv = pgd(model, x, y, eps=torch.tensor([.5, 1.]), norm="linf", loss="margin")
     >>> x_adv = pgd(model, x, y, eps=1.0, delta_init=0.001 * torch.randn_like(x))
+    >>> x_adv = pgd(seg_model, x, labels, eps=2.0, best=True)        # the iterate with the lowest Dice
     """
     return perturb_iterative(model, x, y, eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start,
-                             loss=loss, clip=clip, model_mode=model_mode, generator=generator, delta_init=delta_init)
+                             loss=loss, clip=clip, model_mode=model_mode, generator=generator, delta_init=delta_init,
+                             region=region, best=best, score=score)
 
 
 def ifgsm(model, x, y, eps, *, norm="l2", steps: int = 10, step_size=None, loss="ce", clip=None,
-          model_mode: str = "eval") -> torch.Tensor:
+          model_mode: str = "eval", region=None, best: bool = False, score=None) -> torch.Tensor:
     """Iterative FGSM (Kurakin et al.): PGD without the random start; 10 steps by default."""
     return perturb_iterative(model, x, y, eps, norm=norm, steps=steps, step_size=step_size, random_start=False,
-                             loss=loss, clip=clip, model_mode=model_mode)
+                             loss=loss, clip=clip, model_mode=model_mode, region=region, best=best, score=score)
 
 
 class Attack:

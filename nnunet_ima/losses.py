@@ -10,6 +10,11 @@ A loss that needs the attack's iteration progress (SegPGD's lambda schedule) dec
 :func:`uses_progress`; the attack loops call every loss through :func:`evaluate_loss`, which passes
 ``progress = k / K`` (k = 0..K-1) only to such losses. The segmentation objectives live in
 :mod:`nnunet_ima.seg_losses` and are found by :func:`get_loss` by name too.
+
+Pixels that count (one rule for every objective and metric, :func:`valid_pixels`): a label map may
+mark pixels that no objective and no Dice counts with :data:`NOT_SCORED` (any negative label), e.g.
+padding and nnU-Net's ignore label (:func:`scored_labels` writes it). Their logits change neither a
+loss value nor its gradient, and per-pixel means are taken over the counted pixels of each sample.
 """
 from __future__ import annotations
 
@@ -34,25 +39,71 @@ def class_target(y, logits: torch.Tensor) -> torch.Tensor:
     return y.long()
 
 
-def cross_entropy(output, y) -> torch.Tensor:
-    """Per-sample cross-entropy, averaged over pixels/voxels for segmentation outputs."""
-    logits = first(output)
+NOT_SCORED = -1  # label of a pixel no objective and no metric counts (padding, nnU-Net's ignore label)
+
+
+def valid_pixels(labels: torch.Tensor, *, ignore_label: int | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """The one rule for which pixels count, in every objective, the attacks' Dice and the metrics:
+    bool, True where the label is >= 0 (not :data:`NOT_SCORED`), is not nnU-Net's ``ignore_label`` and is
+    not padding (``pad`` True on padding, the labels' shape without a channel axis). Shape: ``labels``
+    (B, *S) or (B, 1, *S); the result has the labels' shape.
+
+    >>> y_attack = scored_labels(y, ignore_label=3, pad=pad)     # what the attacks and the Dice see
+    >>> assert torch.equal(valid_pixels(y_attack), valid_pixels(y, ignore_label=3, pad=pad))
+    """
+    keep = labels >= 0
+    if ignore_label is not None:
+        keep = keep & (labels != ignore_label)
+    if pad is not None:
+        keep = keep & ~pad.reshape(keep.shape)
+    return keep
+
+
+def scored_labels(labels: torch.Tensor, *, ignore_label: int | None = None, pad: torch.Tensor | None = None):
+    """``labels`` with :data:`NOT_SCORED` wherever :func:`valid_pixels` says a pixel does not count."""
+    return torch.where(valid_pixels(labels, ignore_label=ignore_label, pad=pad), labels,
+                       torch.full_like(labels, NOT_SCORED))
+
+
+def target_and_keep(y, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class map with 0 where not counted, bool map of the counted pixels): a safe index for gather /
+    cross-entropy, and the mask every per-pixel loss is reduced with (see :func:`masked_mean`)."""
     t = class_target(y, logits)
-    ce = F.cross_entropy(logits, t, reduction="none")
-    return ce.flatten(1).mean(1) if ce.dim() > 1 else ce
+    keep = valid_pixels(t)
+    return torch.where(keep, t, torch.zeros_like(t)), keep
+
+
+def masked_mean(values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, *S) per-pixel values -> (B,) mean over each sample's counted pixels (``keep``; all if None).
+    Values off ``keep`` are replaced, not multiplied, by 0, so neither they nor their gradient reach the
+    result, whatever their logits. A (B,) input (classification) is returned as is (masked)."""
+    if keep is not None:
+        values = torch.where(keep, values, torch.zeros_like(values))
+    if values.dim() == 1:
+        return values
+    n = values[0].numel() if keep is None else keep.flatten(1).sum(1).clamp(min=1).to(values.dtype)
+    return values.flatten(1).sum(1) / n
+
+
+def cross_entropy(output, y) -> torch.Tensor:
+    """Per-sample cross-entropy, averaged over the counted pixels/voxels for segmentation outputs."""
+    logits = first(output)
+    t, keep = target_and_keep(y, logits)
+    return masked_mean(F.cross_entropy(logits, t, reduction="none"), keep)
 
 
 def logit_margin(output, y) -> torch.Tensor:
     """Per-sample logit-margin loss max_{j != y} z_j - z_y (Carlini-Wagner style, un-clamped).
 
-    Positive exactly when the sample (pixel) is misclassified; averaged over pixels for segmentation.
+    Positive exactly when the sample (pixel) is misclassified; averaged over the counted pixels for
+    segmentation.
     """
     logits = first(output)
-    t = class_target(y, logits).unsqueeze(1)
-    z_y = logits.gather(1, t)
-    other = logits.scatter(1, t, float("-inf")).amax(1, keepdim=True)
-    m = (other - z_y).squeeze(1)
-    return m.flatten(1).mean(1) if m.dim() > 1 else m
+    t, keep = target_and_keep(y, logits)
+    t1 = t.unsqueeze(1)
+    z_y = logits.gather(1, t1)
+    other = logits.scatter(1, t1, float("-inf")).amax(1, keepdim=True)
+    return masked_mean((other - z_y).squeeze(1), keep)
 
 
 LOSSES: dict[str, LossFn] = {"ce": cross_entropy, "margin": logit_margin}

@@ -11,6 +11,10 @@ for any norm (no ``if norm == "l2"`` chains):
   baselines and random search).
 
 ``eps`` is always a (B,) tensor here; :func:`nnunet_ima.validation.as_eps` converts user input.
+``region`` (optional, broadcastable to x, e.g. (B, 1, *S)): the input elements a perturbation may
+touch (1 on the real image, 0 on padding). The random draws then live in that subspace and the whole
+budget goes there: a uniform point of the ball restricted to the region, not a point of the full
+ball with its padding part cut away afterwards.
 """
 from __future__ import annotations
 
@@ -22,6 +26,23 @@ _TINY = 1e-12
 def _per_sample(eps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a (B,) tensor so that it broadcasts against a (B, ...) tensor."""
     return eps.to(dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def as_region(region, x: torch.Tensor) -> torch.Tensor | None:
+    """None, or ``region`` as a float 0/1 tensor of x's shape (on x's device): the elements an attack
+    may change. Raises ValueError when it does not broadcast against x."""
+    if region is None:
+        return None
+    try:
+        return torch.broadcast_to(region.to(device=x.device, dtype=x.dtype) != 0, x.shape).to(x.dtype)
+    except (RuntimeError, AttributeError):
+        raise ValueError(f"region: expected a tensor broadcastable to x's shape {tuple(x.shape)}, "
+                         f"got {tuple(getattr(region, 'shape', ())) or type(region).__name__}") from None
+
+
+def restrict(d: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """``d`` with 0 outside ``region`` (a float 0/1 tensor of d's shape, see :func:`as_region`)."""
+    return d if region is None else d * region
 
 
 class Norm:
@@ -38,10 +59,12 @@ class Norm:
     def project(self, d: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def random(self, x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random(self, x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None = None,
+               region: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def boundary(self, x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def boundary(self, x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | None = None,
+                 region: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -64,18 +87,19 @@ class L2(Norm):
         factor = torch.clamp(eps.to(n.dtype) / (n + _TINY), max=1.0)
         return d * _per_sample(factor, d)
 
-    def random(self, x, eps, generator=None):
-        # uniform in the ball: Gaussian direction, radius eps * u^(1/dim)
-        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        dim = x[0].numel()
+    def random(self, x, eps, generator=None, region=None):
+        # uniform in the ball (of the region's subspace): Gaussian direction, radius eps * u^(1/dim)
+        region = as_region(region, x)
+        g = restrict(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), region)
+        power = 1.0 / x[0].numel() if region is None else 1.0 / region.flatten(1).sum(1).clamp(min=1)
         u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-        radius = eps.to(x.dtype) * u.pow(1.0 / dim)
+        radius = eps.to(x.dtype) * u.pow(power)
         return self.direction(g) * _per_sample(radius, x)
 
-    def boundary(self, x, eps, generator=None):
-        # uniform on the sphere of radius eps: a normalised Gaussian
+    def boundary(self, x, eps, generator=None, region=None):
+        # uniform on the sphere of radius eps (of the region's subspace): a normalised Gaussian
         g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.direction(g) * _per_sample(eps, x)
+        return self.direction(restrict(g, as_region(region, x))) * _per_sample(eps, x)
 
 
 class Linf(Norm):
@@ -93,14 +117,14 @@ class Linf(Norm):
         e = _per_sample(eps, d)
         return torch.maximum(torch.minimum(d, e), -e)
 
-    def random(self, x, eps, generator=None):
+    def random(self, x, eps, generator=None, region=None):
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (2 * u - 1) * _per_sample(eps, x)
+        return restrict((2 * u - 1) * _per_sample(eps, x), as_region(region, x))
 
-    def boundary(self, x, eps, generator=None):
-        # a uniformly drawn vertex of the box: +-eps in every coordinate
+    def boundary(self, x, eps, generator=None, region=None):
+        # a uniformly drawn vertex of the box (of the region): +-eps in every coordinate
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return torch.where(u < 0.5, -1.0, 1.0).to(x.dtype) * _per_sample(eps, x)
+        return restrict(torch.where(u < 0.5, -1.0, 1.0).to(x.dtype) * _per_sample(eps, x), as_region(region, x))
 
 
 NORMS: dict[str, type[Norm]] = {"l2": L2, "linf": Linf}

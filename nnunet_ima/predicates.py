@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .losses import class_target, first
+from .losses import class_target, first, valid_pixels
 
 
 def argmax_correct(output, y) -> torch.Tensor:
@@ -51,16 +51,15 @@ def per_sample_dice(output, y, *, ignore_label: int | None = None, reduction: st
 
     Shape: ``output`` logits (B, C, *S) (or a deep-supervision list), ``y`` labels (B, *S) or
     (B, 1, *S). Returns (B,) float64. ``reduction`` is "mean" or "max" over the defined classes;
-    see the module docstring for the empty-foreground rule.
+    see the module docstring for the empty-foreground rule. Pixels that do not count
+    (:func:`nnunet_ima.losses.valid_pixels`: labelled ``NOT_SCORED`` or ``ignore_label``) are left out.
     """
     logits = first(output)
     gt = class_target(y, logits)
     pred = logits.argmax(1)
-    ignore = None
-    if ignore_label is not None:
-        ignore = gt == ignore_label
-        gt = torch.where(ignore, torch.zeros_like(gt), gt)
-    tp, fp, fn = tp_fp_fn(pred, gt, logits.shape[1], ignore)
+    keep = valid_pixels(gt, ignore_label=ignore_label)
+    gt = torch.where(keep, gt, torch.zeros_like(gt))
+    tp, fp, fn = tp_fp_fn(pred, gt, logits.shape[1], ~keep)
     return reduce_classes(dice_from_counts(tp[:, 1:], fp[:, 1:], fn[:, 1:]), reduction)
 
 

@@ -1,19 +1,23 @@
 """Segmentation attacks by name, one signature, for the evaluation CLI (``nnunet-ima-attack --attacks``).
 
-``SEG_ATTACKS[name](model, x, y, eps, *, norm, steps, loss=None, generator=None) -> x_adv``:
-x (B, C, *S) 2d or 3d, y labels (B, *S) / (B, 1, *S), eps a float or (B,) tensor, ``norm`` "l2"/"linf".
-``loss`` (a per-sample callable, e.g. the model's own Dice+CE) is used by "pgd", "ifgsm" and "apgd";
-None means per-pixel CE. The other attacks have a fixed objective (:mod:`nnunet_ima.seg_losses`):
+``SEG_ATTACKS[name](model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None, best=False,
+score=None) -> x_adv``: x (B, C, *S) 2d or 3d, y labels (B, *S) / (B, 1, *S) (pixels labelled
+:data:`nnunet_ima.losses.NOT_SCORED` count in no objective and no score), eps a float or (B,) tensor,
+``norm`` "l2"/"linf". ``loss`` (a per-sample callable, e.g. the model's own Dice+CE) is used by "pgd",
+"ifgsm" and "apgd"; None means per-pixel CE. The other attacks have a fixed objective
+(:mod:`nnunet_ima.seg_losses`). ``region`` (broadcastable to x): where the perturbation may go (0 on
+padding). ``best``: the PGD-type attacks return per sample their lowest-``score`` iterate instead of
+the final point (``score`` default: the per-sample Dice); the APGD attacks always do (SEA).
 
 =========  =================================================================================
 pgd        PGD, random start, alpha = 4 eps / K (the IMA papers' protocol)
 ifgsm      PGD from x, alpha = 4 eps / K
 segpgd     PGD with SegPGD's pixel weighting (Gu et al. 2022), same start and step as "pgd"
 cospgd     PGD with CosPGD's cosine weighting (Agnihotri et al. 2024), same start and step as "pgd"
-apgd       APGD (Croce & Hein 2020) on ``loss`` (default CE)
-apgd-mce   APGD on masked CE            } the three attacks of SEA
-apgd-bmce  APGD on balanced masked CE   } (Croce, Singh & Hein 2024)
-apgd-js    APGD on JS divergence        }
+apgd       APGD (Croce & Hein 2020) on ``loss`` (default CE); its step size follows that loss
+apgd-mce   APGD on masked CE            } the three attacks of SEA, run as SEA runs them: step
+apgd-bmce  APGD on balanced masked CE   } size on the average CE, lowest-Dice iterate returned,
+apgd-js    APGD on JS divergence        } Linf radius 2, 1.5, 1 eps (Croce, Singh & Hein 2024)
 =========  =================================================================================
 
 Sanity-check baselines: :func:`random_noise` (a random point on the ball's boundary) and
@@ -27,60 +31,62 @@ import torch
 
 from ._model import attack_mode
 from .apgd import apgd
-from .attacks import _clip, check_clip, ifgsm, pgd
+from .attacks import _clip, check_clip, perturb_iterative
 from .losses import get_loss
-from .norms import Norm, _per_sample, get_norm
+from .norms import Norm, _per_sample, as_region, get_norm
 from .seg_losses import cospgd_loss, segpgd_loss
 from .validation import check_inputs, on_finite_rows
 
 SegAttack = Callable[..., torch.Tensor]
 
 
-def _pgd(model, x, y, eps, *, norm, steps, loss=None, generator=None):
-    return pgd(model, x, y, eps, norm=norm, steps=steps, loss=loss or "ce", generator=generator)
+def _pgd_on(objective, random_start: bool = True):
+    """A registry entry running PGD (``random_start``) or IFGSM on a fixed objective (None: the caller's
+    ``loss``, else CE)."""
+    def run(model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None, best=False, score=None):
+        return perturb_iterative(model, x, y, eps, norm=norm, steps=steps, random_start=random_start,
+                                 loss=objective or loss or "ce", generator=generator if random_start else None,
+                                 region=region, best=best, score=score)
+
+    return run
 
 
-def _ifgsm(model, x, y, eps, *, norm, steps, loss=None, generator=None):
-    return ifgsm(model, x, y, eps, norm=norm, steps=steps, loss=loss or "ce")
-
-
-def _segpgd(model, x, y, eps, *, norm, steps, loss=None, generator=None):
-    return pgd(model, x, y, eps, norm=norm, steps=steps, loss=segpgd_loss, generator=generator)
-
-
-def _cospgd(model, x, y, eps, *, norm, steps, loss=None, generator=None):
-    return pgd(model, x, y, eps, norm=norm, steps=steps, loss=cospgd_loss, generator=generator)
-
-
-def _apgd_on(objective: str | None):
-    """A registry entry running APGD on a fixed objective (None: the caller's ``loss``, else CE)."""
-    def run(model, x, y, eps, *, norm, steps, loss=None, generator=None):
-        return apgd(model, x, y, eps, norm=norm, steps=steps, loss=objective or loss or "ce", generator=generator)
+def _apgd_on(objective: str | None, track: str | None = None):
+    """A registry entry running APGD on a fixed objective (None: the caller's ``loss``, else CE), its
+    step size following ``track`` (None: the objective itself). APGD returns its lowest-score
+    iterate whatever ``best`` says."""
+    def run(model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None, best=True, score=None):
+        return apgd(model, x, y, eps, norm=norm, steps=steps, loss=objective or loss or "ce", track_loss=track,
+                    score=score, generator=generator, region=region)
 
     run.__name__ = f"apgd_{objective or 'loss'}"
     return run
 
 
 SEG_ATTACKS: dict[str, SegAttack] = {
-    "pgd": _pgd,
-    "ifgsm": _ifgsm,
-    "segpgd": _segpgd,
-    "cospgd": _cospgd,
+    "pgd": _pgd_on(None),
+    "ifgsm": _pgd_on(None, random_start=False),
+    "segpgd": _pgd_on(segpgd_loss),
+    "cospgd": _pgd_on(cospgd_loss),
     "apgd": _apgd_on(None),
-    "apgd-mce": _apgd_on("masked_ce"),
-    "apgd-bmce": _apgd_on("balanced_masked_ce"),
-    "apgd-js": _apgd_on("js"),
+    "apgd-mce": _apgd_on("masked_ce", track="ce"),    # SEA (tools/infer.py): track_loss="ce-avg"
+    "apgd-bmce": _apgd_on("balanced_masked_ce", track="ce"),
+    "apgd-js": _apgd_on("js", track="ce"),
 }
+KEEPS_BEST = frozenset(a for a in SEG_ATTACKS if a.startswith("apgd"))  # always return their lowest-score iterate
 
 
-def random_noise(model, x, y, eps, *, norm="l2", generator=None, clip=None) -> torch.Tensor:
+def random_noise(model, x, y, eps, *, norm="l2", generator=None, clip=None, region=None) -> torch.Tensor:
     """x + a random perturbation on the boundary of each sample's ball (the full budget: a normalised
-    Gaussian of L2 norm eps, or a random vertex +-eps for Linf). ``model`` and ``y`` are not used
-    (same signature as the attacks). The sanity check: the white-box attacks must beat this."""
+    Gaussian of L2 norm eps, or a random vertex +-eps for Linf), inside ``region`` when given. ``model``
+    and ``y`` are not used (same signature as the attacks). The sanity check: the white-box attacks
+    must beat this."""
     nrm, clip = get_norm(norm), check_clip(clip)
     eps_t, valid = check_inputs(x, y, eps)
+    region = as_region(region, x)
 
-    return on_finite_rows(lambda xs, es: _clip(xs.detach() + nrm.boundary(xs, es, generator), clip), x, valid, eps_t)
+    return on_finite_rows(lambda xs, es, rg: _clip(xs.detach() + nrm.boundary(xs, es, generator, rg), clip),
+                          x, valid, eps_t, region)
 
 
 def square_fraction(i: int, queries: int, p_init: float) -> float:
@@ -137,12 +143,13 @@ _RESAMPLE = {"linf": _resample_linf, "l2": _resample_l2}
 
 
 def random_search(model, x, y, eps, *, norm="l2", queries: int = 1000, score=None, generator=None,
-                  p_init: float = 0.1, clip=None, model_mode: str = "eval") -> torch.Tensor:
+                  p_init: float = 0.1, clip=None, model_mode: str = "eval", region=None) -> torch.Tensor:
     """Gradient-free Square-style random search: start on the ball's boundary, then ``queries`` - 1
     times resample one random window (cube of Square's shrinking size) per sample and keep the change
     where the score rises. ``score(output, y) -> (B,)`` is MAXIMISED (a loss name of
     :func:`nnunet_ima.losses.get_loss` or a callable, e.g. minus the Dice; default per-pixel CE).
-    One forward per query. The sanity check: it must not beat the white-box attacks."""
+    One forward per query; the windows stay inside ``region`` when given. The sanity check: it must
+    not beat the white-box attacks."""
     nrm, clip = get_norm(norm), check_clip(clip)
     if nrm.name not in _RESAMPLE or queries < 1:
         raise ValueError(f"random_search: norm must be one of {sorted(_RESAMPLE)} and queries >= 1, "
@@ -151,20 +158,23 @@ def random_search(model, x, y, eps, *, norm="l2", queries: int = 1000, score=Non
     eps_t, valid = check_inputs(x, y, eps)
     kw = dict(norm=nrm, queries=queries, score_fn=score_fn, generator=generator, p_init=p_init, clip=clip)
     with attack_mode(model, model_mode), torch.no_grad():
-        return on_finite_rows(lambda xs, ys, es: _search(model, xs.detach(), ys, es, **kw), x, valid, y, eps_t)
+        return on_finite_rows(lambda xs, ys, es, rg: _search(model, xs.detach(), ys, es, region=rg, **kw), x, valid,
+                              y, eps_t, as_region(region, x))
 
 
-def _search(model, x, y, eps, *, norm: Norm, queries, score_fn, generator, p_init, clip):
+def _search(model, x, y, eps, *, norm: Norm, queries, score_fn, generator, p_init, clip, region):
     def evaluate(delta):
         s = score_fn(model(_clip(x + delta, clip)), y)
         if s.shape != (x.shape[0],):
             raise ValueError(f"score: expected per-sample scores of shape ({x.shape[0]},), got {tuple(s.shape)}")
         return s
 
-    delta = norm.boundary(x, eps, generator)
+    delta = norm.boundary(x, eps, generator, region)
     best = evaluate(delta)
     for i in range(1, queries):
         mask = window_mask(x, square_fraction(i, queries, p_init), generator)
+        if region is not None:
+            mask = mask & (region[:, :1] > 0)
         cand = norm.project(_RESAMPLE[norm.name](delta, mask, eps, generator), eps)
         s = evaluate(cand)
         better = s > best

@@ -252,3 +252,49 @@ def test_method_config_is_validated(bad):
         MethodConfig(**bad)
     with pytest.raises(ValueError, match="delta"):
         build_method("ima", MethodConfig(eps=0.3, delta=0.5))  # IMA needs delta <= eps_max
+
+
+def test_ima_decides_in_one_mode_with_batchnorm(monkeypatch):
+    """A BatchNorm MLP whose train-mode (batch statistics) and eval-mode (running statistics) predictions
+    disagree on some samples. Every decision of the step (clean check, BPGD, noisy check) is the eval-mode
+    one, so a sample right in train mode but wrong in eval mode is not attacked and its margin does not
+    expand (before: it "crossed" at once with x~ = x and the train-mode noisy check expanded it: 16 such
+    samples of 64 here, 15 of them expanded). The training forwards stay in train mode."""
+    from nnunet_ima.classify.methods import ima as ima_mod
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.BatchNorm1d(32, momentum=0.0), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 2))  # momentum 0: running statistics fixed through the step
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    with torch.no_grad():
+        y = model.train()(x).argmax(1)                   # every sample right in train mode ...
+        eval_ok = model.eval()(x).argmax(1) == y         # ... some wrong in eval mode
+    model.train()
+    assert 0 < int((~eval_ok).sum()) < 64
+    seen = {}
+    real_step = ima_mod.ima_step
+
+    def spy(*a, **k):
+        noisy, update = real_step(*a, **k)
+        seen["update"] = update
+        return noisy, update
+
+    monkeypatch.setattr(ima_mod, "ima_step", spy)
+    m = build_method("ima", MethodConfig(eps=1.0, delta=0.1, steps=5, search_steps=5))
+    ids = list(range(64))
+    before = m.store.get(ids).clone()
+    out = m.loss(model, x, y, ids)
+    expanded = m.store.get(ids) > before + 1e-9
+    update = seen["update"]
+    assert torch.equal(update.clean_correct, eval_ok)               # the clean check is the eval-mode one
+    attacked = torch.zeros(64, dtype=torch.bool)
+    attacked[update.rows.cpu()] = True
+    assert torch.equal(attacked, eval_ok)                           # BPGD attacks exactly those
+    with torch.no_grad():
+        noisy_ok = model.eval()(out.x_adv).argmax(1) == y
+    model.train()
+    assert torch.equal(expanded, attacked & noisy_ok)               # the noisy check is the eval-mode one
+    assert not bool((expanded & ~attacked).any()) and bool(expanded.any())
+    assert model.training and torch.allclose(out.logits, model(x))  # the training forward: train mode
+    with torch.no_grad():
+        assert not torch.allclose(out.logits, model.eval()(x))

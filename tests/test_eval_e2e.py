@@ -91,6 +91,7 @@ def test_command_runs_and_writes_everything(e2e):
     assert all(r["n_samples"] == 16 for r in results["rows"])  # 2 test cases x 8 slices
     checks = {c["check"]: c["status"] for c in results["checks"]}
     assert checks["eps0_equals_clean[pgd]"] == "ok"
+    assert checks["budget[pgd]"] == "ok" and checks["budget[ifgsm]"] == "ok"
     assert checks["large_eps_near_zero"] == "ok"
     assert checks["non_increasing[pgd]"] == "ok"
     for name in ("more_steps[pgd]", "more_steps[ifgsm]"):
@@ -227,8 +228,8 @@ def test_bad_input_gives_one_clear_message(env, tmp_path, change, message):
 
 
 # --------------------------------------------------------------------------------------- worst case
-def test_worst_is_the_per_sample_minimum_of_the_attacks(e2e):
-    """The "worst" row = per sample the lowest Dice over PGD and IFGSM at that eps (AutoAttack's
+def test_worst_is_the_per_sample_minimum_of_clean_and_the_attacks(e2e):
+    """The "worst" row = per sample the lowest Dice over clean, PGD and IFGSM at that eps (AutoAttack's
     reporting), recomputed here by hand from the stored per-sample counts."""
     from nnunet_ima.predicates import dice_from_counts, reduce_classes
     import torch
@@ -237,15 +238,17 @@ def test_worst_is_the_per_sample_minimum_of_the_attacks(e2e):
     per_sample = {}
     for run in results["runs"]:
         k = run["key"]
-        if k["eps"] == LARGE_EPS and k["attack"] in ("pgd", "ifgsm"):
+        if (k["eps"] == LARGE_EPS and k["attack"] in ("pgd", "ifgsm")) or k["attack"] == "clean":
             z = np.load(out / run["samples"])
             d = dice_from_counts(*(torch.as_tensor(z[n]) for n in ("tp", "fp", "fn")))
             per_sample[k["attack"]] = reduce_classes(d).numpy()
-    assert set(per_sample) == {"pgd", "ifgsm"}
+    assert set(per_sample) == {"clean", "pgd", "ifgsm"}
     worst = rows(results, "worst", LARGE_EPS)[0]
-    assert worst["worst_of"] == "pgd,ifgsm"
-    assert worst["adi"] == pytest.approx(np.minimum(per_sample["pgd"], per_sample["ifgsm"]).mean())
+    assert worst["worst_of"] == "clean,pgd,ifgsm"
+    lowest = np.minimum.reduce([per_sample[a] for a in ("clean", "pgd", "ifgsm")])
+    assert worst["adi"] == pytest.approx(lowest.mean())
     assert worst["adi"] <= min(rows(results, a, LARGE_EPS)[0]["adi"] for a in ("pgd", "ifgsm"))
+    assert rows(results, "worst", 0.0)[0]["adi"] == pytest.approx(per_sample["clean"].mean())
 
 
 # --------------------------------------------------------------------------------------- reuse (issue 12)
@@ -304,3 +307,29 @@ def test_rerun_recomputes_exactly_what_changed(env, tmp_path, monkeypatch):
     assert "results.json is damaged" in stdout and "kept as results.json.damaged" in stdout
     assert (out / "results.json.damaged").read_text() == text[: len(text) // 2]
     assert len(rows(json.loads((out / "results.json").read_text()), "ifgsm")) == 1
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_strong_suite_runs_and_keeps_what_it_finds(env, tmp_path):
+    """--suite strong on the trained model (few steps): every attack runs, the PGD-type attacks keep their
+    best iterate (written in each row), and worst is never above clean per sample."""
+    from nnunet_ima.predicates import dice_from_counts, reduce_classes
+    import torch
+
+    out = tmp_path / "strong"
+    rc, stdout, stderr = attack(common(env, out) + ["--eps", "2", "--suite", "strong", "--pgd-steps", "2", "--steps", "2",
+                                                    "--apgd-steps", "3", "--max-samples", "4", "--no-sanity"])
+    assert rc == 0, stderr
+    results = json.loads((out / "results.json").read_text())
+    got = {r["attack"]: r for r in results["rows"] if r["class"] == "mean" and r["eps"] == 2.0}
+    assert set(got) == {"pgd", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js", "worst"}
+    assert all(got[a]["iterate"] == "best-project" for a in got if a != "worst")
+    assert got["worst"]["worst_of"] == "clean,pgd,segpgd,cospgd,apgd-mce,apgd-bmce,apgd-js"
+    per_sample = {}
+    for run in results["runs"]:
+        z = np.load(out / run["samples"])
+        d = dice_from_counts(*(torch.as_tensor(z[n]) for n in ("tp", "fp", "fn")))
+        per_sample[run["key"]["attack"]] = reduce_classes(d).numpy()
+    lowest = np.minimum.reduce(list(per_sample.values()))
+    assert got["worst"]["adi"] == pytest.approx(lowest.mean())
+    assert (lowest <= per_sample["clean"]).all()

@@ -112,14 +112,29 @@ def test_adi_conventions_hand_counted():
         M.adi(c, "authors")
 
 
-def test_worst_is_the_per_sample_minimum_over_attacks():
-    a = counts(tp=[[4], [0], [2]], fp=[[0], [0], [2]], fn=[[0], [3], [2]], cases="xxy")  # Dice 1, 0, 1/2
-    b = counts(tp=[[2], [1], [3]], fp=[[0], [0], [0]], fn=[[2], [0], [1]], cases="xxy")  # Dice 2/3, 1, 6/7
-    w, choice = M.worst_counts([a, b])
-    assert choice.tolist() == [1, 0, 0]
-    np.testing.assert_allclose(M.sample_dice(w), [2 / 3, 0.0, 0.5])
-    assert M.adi(w)["mean"] == pytest.approx((2 / 3 + 0 + 0.5) / 3)
-    assert M.adi(w)["mean"] <= min(M.adi(a)["mean"], M.adi(b)["mean"])
-    assert M.tvdi(w)["mean"] == pytest.approx(2 * 4 / (2 * 4 + 2 + 7))   # pooled counts of the chosen samples
+def test_worst_is_the_per_sample_minimum_over_clean_and_attacks():
+    """AutoAttack's rule for Dice: per sample the lowest Dice over clean AND every attack, so no sample is
+    reported above its clean score, even where an attack's point happens to segment it better."""
+    clean = counts(tp=[[3], [1], [2], [0]], fp=[[1], [0], [0], [0]], fn=[[0], [1], [0], [0]], cases="xxyy")
+    # clean Dice by hand: 6/7, 2/3, 1, 1 (blank slice predicted blank)
+    a = counts(tp=[[4], [0], [2], [0]], fp=[[0], [0], [2], [0]], fn=[[0], [3], [2], [0]], cases="xxyy")  # 1, 0, 1/2, 1
+    b = counts(tp=[[2], [2], [3], [0]], fp=[[0], [0], [0], [4]], fn=[[2], [0], [1], [0]], cases="xxyy")  # 2/3, 1, 6/7, 0
+    w, choice = M.worst_counts(clean, [a, b])
+    assert choice.tolist() == [2, 1, 1, 2]  # 0 = clean, 1 = a, 2 = b
+    np.testing.assert_allclose(M.sample_dice(w), [2 / 3, 0.0, 0.5, 0.0])
+    # an attack that is above clean on a sample (a on sample 0: 1 > 6/7) does not lift it above clean
+    only_a, pick = M.worst_counts(clean, [a])
+    assert pick.tolist() == [0, 1, 1, 0]
+    np.testing.assert_allclose(M.sample_dice(only_a), [6 / 7, 0.0, 0.5, 1.0])
+    for cand in (w, only_a):
+        assert (M.sample_dice(cand) <= M.sample_dice(clean) + 1e-12).all()  # never above clean, per sample
+    assert M.adi(w)["mean"] == pytest.approx((2 / 3 + 0 + 0.5 + 0) / 4)
+    assert M.adi(w)["mean"] <= min(M.adi(r)["mean"] for r in (clean, a, b))
+    assert M.tvdi(w)["mean"] == pytest.approx(2 * 4 / (2 * 4 + 6 + 7))   # pooled counts of the chosen samples
+    # the paper's convention decides by its own Dice: blank slice 3 is skipped there, the project's Dice decides
+    _, pick_paper = M.worst_counts(clean, [a, b], "paper")
+    assert pick_paper.tolist() == [2, 1, 1, 2]
     with pytest.raises(ValueError, match="same samples"):
-        M.worst_counts([a, counts([[1]], [[0]], [[0]], "x")])
+        M.worst_counts(clean, [counts([[1]], [[0]], [[0]], "x")])
+    with pytest.raises(ValueError, match="no attack"):
+        M.worst_counts(clean, [])

@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_ima.losses import scored_labels, valid_pixels
 from nnunet_ima_eval import metrics as M
 from nnunet_ima_eval.data import Case, make_batches, sample_refs
 from nnunet_ima_eval.model import PerSampleLoss
 from nnunet_ima_eval.report import ResultStore, make_rows, table
-from nnunet_ima_eval.runner import AttackSettings, Evaluator, monotonicity_checks
+from nnunet_ima_eval.runner import AttackSettings, Evaluator
+from nnunet_ima_eval.sanity import check_eps0, check_gradient_free, check_more_steps, check_noise, monotonicity_checks
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 @pytest.mark.parametrize("kind", ["dicece", "ce"])
@@ -22,13 +26,14 @@ def test_per_sample_loss_is_nnunets_dc_and_ce_per_sample(kind, ignore_label):
     logits = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3 if ignore_label is None else 4, (4, 1, 16, 16), generator=g)
     y[1] = 0                                                  # a blank sample
-    mask = torch.ones(4, 1, 16, 16, dtype=torch.float64)
-    mask[2, :, 12:] = 0                                       # padded samples
-    mask[3, :, :, 9:] = 0
-    y = y * mask.long()                                       # padding is labelled 0, as make_batches does
+    pad = torch.zeros(4, 16, 16, dtype=torch.bool)
+    pad[2, 12:] = True                                        # padded samples
+    pad[3, :, 9:] = True
+    y = y * (~pad[:, None]).long()                            # padding is labelled 0, as make_batches does
     loss = PerSampleLoss(kind, batch_dice=True, ignore_label=ignore_label)
-    loss.mask = mask
-    torch.testing.assert_close(loss(logits, y), loss.reference(logits, y))
+    # the evaluation's labels (padding and the ignore label NOT_SCORED) against nnU-Net's loss on the cut-out region
+    scored = scored_labels(y, ignore_label=ignore_label, pad=pad)
+    torch.testing.assert_close(loss(logits, scored), loss.reference(logits, y, pad))
 
 
 # --------------------------------------------------------------------------------- samples and batches
@@ -99,7 +104,7 @@ def test_batched_equals_one_at_a_time_and_padding_is_inert(loss):
     np.testing.assert_array_equal(a1.counts.fp, a4.counts.fp)
     assert M.adi(a4.counts)["mean"] < M.adi(clean.counts)["mean"]
     # eps 0 through the attack path reproduces the clean prediction exactly
-    assert many.check_eps0("pgd", clean)["status"] == "ok"
+    assert check_eps0(many, "pgd", clean)["status"] == "ok"
     # the perturbation never touches padding (the attacked function zeroes it: no gradient there)
     ev = many.run("ifgsm", 3.0, keep=set(many.refs))
     for ex in ev.examples:
@@ -190,9 +195,166 @@ def test_strength_checks_flag_gradient_masking():
     eps = 24.0  # per-pixel RMS 1.5: random noise flips most roundings
     clean, white = ev.run("clean", 0.0), ev.run("ifgsm", eps)
     assert M.adi(clean.counts)["mean"] == 1.0 and M.adi(white.counts)["mean"] == 1.0  # the attack sees nothing
-    noise = ev.check_noise(eps, white.counts)
-    blind = ev.check_gradient_free(eps, white.counts, queries=20)
+    noise = check_noise(ev, eps, white.counts)
+    blind = check_gradient_free(ev, eps, white.counts, queries=20)
     assert noise["status"] == "warning" and "gradient is masked" in noise["message"]
     assert blind["status"] == "warning" and "gradient masking" in blind["message"]
-    more = ev.check_more_steps("ifgsm", eps, white.counts)
+    more = check_more_steps(ev, "ifgsm", eps, white.counts)
     assert more["status"] == "ok" and "with 25" in more["message"]
+
+
+# --------------------------------------------------------------------------- ignore label, padding (issue 19)
+class Garbage(torch.nn.Module):
+    """``net`` plus input-dependent logits at the pixels that do not count (``where`` (B, 1, *S), 1 there):
+    any objective, Dice or count that read those pixels would see other values and other gradients."""
+
+    def __init__(self, net, where):
+        super().__init__()
+        self.net, self.where = net, where
+        torch.manual_seed(1)
+        self.mix = torch.nn.Conv2d(1, 3, 5, padding=2)
+
+    def forward(self, x):
+        return self.net(x) + self.where * 40 * torch.tanh(self.mix(x))
+
+
+def ignore_label_cases():
+    rng = np.random.default_rng(4)
+    lab = np.zeros((4, 27, 30), np.int16)
+    lab[:, 5:20, 6:22] = 1
+    lab[:, 9:14, 10:16] = 2
+    lab[:, 2:9, 18:27] = 3                                     # nnU-Net's ignore label (no head: 3 classes)
+    img = (np.minimum(lab, 2) * 1.5 + rng.normal(scale=0.5, size=lab.shape)).astype(np.float32)[None]
+    return [Case("c", img, lab)]
+
+
+@pytest.mark.parametrize("kind", ["dicece", "ce"])
+def test_per_sample_loss_ignores_not_scored_pixels_in_value_and_gradient(kind):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 3, 12, 12, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (3, 1, 12, 12), generator=g)
+    pad = torch.zeros(3, 12, 12, dtype=torch.bool)
+    pad[1, 8:] = True
+    scored = scored_labels(y, ignore_label=3, pad=pad)
+    keep = valid_pixels(scored)
+    loss = PerSampleLoss(kind, batch_dice=True, ignore_label=3)
+
+    def value_and_grad(z):
+        z = z.clone().requires_grad_(True)
+        v = loss(z, scored)
+        return v.detach(), torch.autograd.grad(v.sum(), z)[0]
+
+    other = torch.where(keep, logits, 30 * torch.randn(logits.shape, generator=g, dtype=torch.float64))
+    (v, gr), (v2, gr2) = value_and_grad(logits), value_and_grad(other)
+    torch.testing.assert_close(v, v2)
+    torch.testing.assert_close(gr, gr2)
+    assert float(gr.abs().amax(1, keepdim=True)[~keep].max()) == 0.0
+
+
+def test_ignore_label_dataset_runs_every_strong_attack_and_not_scored_pixels_have_no_effect():
+    """A dataset with an nnU-Net ignore label (3) and padded slices (27 x 30 -> 32 x 32): every attack of
+    --suite strong runs (before: SegPGD, CosPGD and APGD crashed, "Target 3 is out of bounds"), and
+    input-dependent garbage logits at the ignore-label and padding pixels change no attack's point and no count."""
+    from nnunet_ima_eval.runner import SUITES
+
+    cases = ignore_label_cases()
+    model = SimpleNamespace(**{**vars(stub_model(TinyNet())), "label_manager": SimpleNamespace(ignore_label=3)})
+    settings = AttackSettings(batch_size=4, pgd_steps=3, steps_other=3, apgd_steps=3, iterate="best")
+    ev = Evaluator(model, cases, settings, progress=False)
+    b = ev.batches[0]
+    not_scored = (~valid_pixels(ev.labels(b))).to(b.x.dtype)
+    assert 0 < float(not_scored.mean()) < 0.5 and bool(b.pad.any())
+    model2 = SimpleNamespace(**{**vars(model), "network": Garbage(model.network, not_scored).eval()})
+    ev2 = Evaluator(model2, cases, settings, progress=False)
+    clean, clean2 = ev.run("clean", 0.0), ev2.run("clean", 0.0)
+    np.testing.assert_array_equal(clean.counts.tp, clean2.counts.tp)
+    np.testing.assert_array_equal(clean.counts.fp, clean2.counts.fp)
+    attacks = [a for a in SUITES["strong"] if a != "worst"]
+    for attack in attacks:
+        runs = []
+        for e in (ev, ev2):
+            e.attacked.mask = b.mask
+            runs.append(e.attack(attack, b, e.labels(b), 2.0, 3, torch.Generator().manual_seed(0)))
+        torch.testing.assert_close(runs[0], runs[1], msg=attack)
+        assert float((runs[0] - b.x).abs().sum()) > 0, attack
+        r = ev.run(attack, 2.0)
+        assert r.counts.n == 4 and np.isfinite(M.sample_dice(r.counts)).all(), attack
+        # the counts leave the ignore label out: at most the 27 x 30 real pixels minus the ignore patch
+        assert ((r.counts.tp + r.counts.fp + r.counts.fn).sum(1) <= 27 * 30 - 7 * 9).all(), attack
+
+
+class Background(torch.nn.Module):
+    """Predicts background everywhere, whatever the input (no gradient reaches the input)."""
+
+    def forward(self, x):
+        z = torch.zeros(x.shape[0], 3, *x.shape[2:], dtype=x.dtype) + 0 * x
+        z[:, 0] = 10.0
+        return z
+
+
+def test_large_eps_check_reports_the_adi_of_the_convention_given():
+    """Two blank slices (predicted blank) and two with foreground (missed): ADI 0.5 by the project's rule,
+    0 by the paper's (blank slices skipped). The check prints and judges the convention's figure."""
+    from nnunet_ima_eval.sanity import check_large_eps
+
+    lab = np.zeros((4, 16, 16), np.int16)
+    lab[2:, 4:12, 4:12] = 1
+    cases = [Case("c", lab.astype(np.float32)[None], lab)]
+    model = stub_model(Background(), patch=(16, 16), pool=(4, 4))
+    got = {}
+    for conv in ("project", "paper"):
+        ev = Evaluator(model, cases, AttackSettings(ifgsm_steps=1, batch_size=4, convention=conv), progress=False)
+        clean = ev.run("clean", 0.0)
+        assert clean.summary["adi_convention"] == conv
+        got[conv] = check_large_eps(ev, clean)
+    assert "ADI 0.500 (clean 0.500, ADI convention project)" in got["project"]["message"]
+    assert got["project"]["status"] == "warning"
+    assert "ADI 0.000 (clean 0.000, ADI convention paper)" in got["paper"]["message"]
+    assert got["paper"]["status"] == "ok"
+
+
+def test_budget_check_passes_the_attacks_and_names_the_defects_it_catches():
+    """Every registry attack's points lie in the eps-ball and off padding; an attack whose random start
+    ignores the padding (the old random start: part of the L2 budget on pixels the network sees as 0)
+    and one that leaves the ball are reported, each with its defect."""
+    from nnunet_ima import pgd
+    from nnunet_ima_eval.sanity import check_budget
+
+    rng = np.random.default_rng(2)
+    lab = np.zeros((4, 27, 30), np.int16)
+    lab[:, 5:20, 6:22] = 1
+    img = (lab * 1.5 + rng.normal(scale=0.5, size=lab.shape)).astype(np.float32)[None]
+    ev = Evaluator(stub_model(TinyNet()), [Case("c", img, lab)],
+                   AttackSettings(batch_size=4, pgd_steps=2, steps_other=2, apgd_steps=2, ifgsm_steps=2), progress=False)
+    for attack in ("pgd", "ifgsm", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js"):
+        runs = [ev.run(attack, e) for e in (1.0, 3.0)]
+        assert check_budget(ev, runs)["status"] == "ok", attack
+    no_region = ev.run("pgd", 3.0, custom=lambda b, y, e, gen: pgd(ev.attacked, b.x, y, e, steps=2, generator=gen))
+    res = check_budget(ev, [no_region])
+    assert res["status"] == "warning" and "perturbation on padding" in res["message"]
+    assert "overstate robustness" in res["message"]
+    too_far = ev.run("pgd", 1.0, custom=lambda b, y, e, gen: b.x + 1.5 * (ev.attack("pgd", b, y, e, 2, gen) - b.x))
+    res = check_budget(ev, [too_far])
+    assert res["status"] == "warning" and "beyond eps" in res["message"] and "larger eps" in res["message"]
+
+
+def test_iterate_follows_the_suite_and_is_part_of_the_run_key():
+    """--suite strong keeps each sample's lowest-Dice iterate, the papers' attacks keep their final point; the
+    stored run says which (and in which convention), so a rerun with another choice recomputes it."""
+    from nnunet_ima_eval.cli import _check_attacks, build_parser
+
+    def resolved(*extra):
+        args = build_parser().parse_args(["-d", "4", "-o", "out", "--eps", "2", *extra])
+        _check_attacks(args)
+        return args
+
+    strong, paper = resolved("--suite", "strong"), resolved("--attacks", "pgd", "apgd-mce", "worst")
+    assert (strong.iterate, strong.apgd_steps, paper.iterate) == ("best", 300, "final")
+    assert resolved("--suite", "strong", "--iterate", "final").iterate == "final"
+    s = AttackSettings(iterate=paper.iterate)
+    assert (s.iterate_of("pgd"), s.iterate_of("apgd-mce"), s.iterate_of("worst")) == ("final", "best-project", "final")
+    b = AttackSettings(iterate="best", convention="paper")
+    assert b.iterate_of("pgd") == "best-paper" and b.keeps_best("ifgsm") and not b.keeps_best("clean")
+    from nnunet_ima_eval.report import KEY_FIELDS
+
+    assert "iterate" in KEY_FIELDS

@@ -57,6 +57,30 @@ def ce(logits, y):
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def mode_dependent(model: torch.nn.Module) -> bool:
+    """Whether ``model`` predicts differently in train and eval mode: it holds a norm layer with running
+    statistics (BatchNorm, InstanceNorm with ``track_running_stats``) or a dropout with p > 0.
+    InstanceNorm/LayerNorm/GroupNorm models without running statistics predict the same in both."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            return True
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+    return False
+
+
+def eval_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's eval-mode output for ``x`` (running statistics, no dropout), without a graph; the
+    model's mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        model.train(was)
+
+
 class Method:
     """Base class. Subclasses set ``name`` and implement :meth:`loss`."""
 

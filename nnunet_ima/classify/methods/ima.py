@@ -12,13 +12,31 @@ once per epoch gives the single-process result).
 
 ``ima_rule`` is a rule SET: "later" = expand_rule "prediction" with the later paper's store rules;
 "earlier" = expand_rule "no_crossing" with the earlier paper's (reinit / replace / clip at Delta).
+
+One mode for every decision of a step. The clean check g(z) = y (which samples are attacked, and
+L1 <- L0 for the others), BPGD's checks and binary search, and the noisy check g(z~) = y (expand or
+shrink) all read eval-mode forwards: running statistics, no dropout, so a sample's correctness does
+not depend on which other samples share its forward (BPGD attacks a subset, shrinks its active set
+and searches on the crossed rows only), and it is the prediction the evaluation measures. The
+training forwards (L0 on the clean batch, L1 on the noisy rows) stay in train mode. For a model that
+predicts the same in both modes (no BatchNorm, no dropout: InstanceNorm/LayerNorm models, nnU-Net)
+the train-mode outputs are reused, so the decisions cost no forward; otherwise two no-grad forwards
+(the clean batch, the noisy rows). Mixing modes made a sample correct in train mode but wrong in
+eval mode "cross" at once with x~ = x, and the train-mode noisy check then expanded its margin
+although it was never attacked. The authors' classification code (SarielMa/Increasing-Margin-
+Adversarial-Training, ``classification/core/RobustDNN_IMA_bn.py``, ``IMA_loss``) has flags for this:
+with their defaults (``model_eval_attack=0``, ``model_eval_Xn=0`` in every ``*_IMA.py`` app) the clean
+check, PGD and the noisy forward all run in train mode on the full batch (one mode, train); with
+``model_eval_attack=1`` the clean check is re-run in eval mode for the attack. We take eval mode for
+all decisions because our BPGD forwards subsets of the batch, whose batch statistics would change
+a sample's train-mode prediction from one forward to the next.
 """
 from __future__ import annotations
 
 from nnunet_ima import MarginStore, argmax_correct, cross_entropy, ima_beta_loss, ima_loss
 from nnunet_ima.ima_step import IMAStepSettings, ima_step
 
-from .base import Method, MethodConfig, StepOutput
+from .base import Method, MethodConfig, StepOutput, eval_forward, mode_dependent
 
 # ima_rule -> (expand rule of the IMA step, MarginStore rules)
 RULES = {"later": ("prediction", {}),
@@ -41,19 +59,26 @@ class Ima(Method):
 
     def loss(self, model, x, y, ids):
         c = self.cfg
-        logits = model(x)
+        two_modes = mode_dependent(model)  # else the train-mode outputs are the eval-mode ones
+        logits = model(x)  # train mode: the clean loss L0
         l0 = cross_entropy(logits, y)  # per sample (B,), averaged over pixels for dense outputs
-        noisy, update = ima_step(model, x, y, ids, logits.detach(), self.predicate, self.store, self.settings)
+        # every decision below (clean check, BPGD, noisy check) in eval mode, between the two training
+        # forwards, so with the same running statistics
+        decide = eval_forward(model, x) if two_modes else logits.detach()
+        noisy, update = ima_step(model, x, y, ids, decide, self.predicate, self.store, self.settings)
         correct = update.clean_correct.to(logits.device)  # the step's own clean check, not a second one
-        l1, noisy_logits = l0, None
+        l1, noisy_check = l0, None
         if update.rows.numel():
-            noisy_logits = model(noisy[update.rows])  # only the attacked rows: L1 <- L0 for the others
+            x_rows = noisy[update.rows]
+            noisy_check = eval_forward(model, x_rows) if two_modes else None
+            noisy_logits = model(x_rows)  # train mode, only the attacked rows: L1 <- L0 for the others
             l1 = l0.index_put((update.rows,), cross_entropy(noisy_logits, update.y_rows))
+            noisy_check = noisy_logits.detach() if noisy_check is None else noisy_check
         if c.ima_loss == "mean":
             loss = ima_loss(l0, l1, correct)
         else:
             loss = ima_beta_loss(l0, l1, correct, c.ima_beta)
-        stats = update.finish(noisy_logits)
+        stats = update.finish(noisy_check)
         x_adv = noisy if noisy is not None else x.detach().clone()
         return StepOutput(loss, logits, x_adv, {"attacked": stats.attacked, "fell_back": stats.fell_back})
 
