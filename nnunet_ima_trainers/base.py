@@ -39,7 +39,7 @@ from .checkpoints import (SETTINGS_KEY, describe_checkpoint, read_checkpoint, st
 from .config import KEYS, ConfigError, IMAConfig, load_config
 from .data import sample_key_loader, seeded_augmenters
 from .local_loss import rank_local_loss
-from .seeding import deterministic_algorithms, seed_process
+from .seeding import deterministic_algorithms, seed_run
 
 
 class nnUNetTrainerSTD(nnUNetTrainer):
@@ -71,16 +71,9 @@ class nnUNetTrainerSTD(nnUNetTrainer):
 
     def _seed(self) -> None:
         """A seeded run (setting ``seed``): this process's RNGs, before the network is built, and
-        deterministic algorithms (see :mod:`nnunet_ima_trainers.seeding`). Unseeded: nothing."""
-        seed = self.ima_config.seed
-        if seed is None:
-            self.print_to_log_file("seed: none (nnU-Net's unseeded data loading, augmentation and initialisation)")
-            return
-        seed_process(seed, self.local_rank)
-        deterministic_algorithms()
-        self.print_to_log_file(f"seed: {seed} (rank {self.local_rank}): torch, numpy and Python RNGs seeded; data "
-                               "loading and augmentation on streams of their own (seed, rank, loader, batch); "
-                               "deterministic algorithms", also_print_to_console=True)
+        deterministic algorithms (:func:`~nnunet_ima_trainers.seeding.seed_run`). Unseeded: nothing."""
+        self.print_to_log_file(seed_run(self.ima_config.seed, self.local_rank),
+                               also_print_to_console=self.ima_config.seed is not None)
 
     def on_train_start(self):
         if self.ima_config.seed is not None:

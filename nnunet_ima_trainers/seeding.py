@@ -69,6 +69,17 @@ def rng_scope(*entropy: int):
         random.setstate(saved[2])
 
 
+def seed_run(seed: int | None, rank: int = 0) -> str:
+    """Seed the process (:func:`seed_process`) and turn on :func:`deterministic_algorithms` when
+    ``seed`` is set; returns the log line that says what was done (nothing when ``seed`` is None)."""
+    if seed is None:
+        return "seed: none (nnU-Net's unseeded data loading, augmentation and initialisation)"
+    seed_process(seed, rank)
+    deterministic_algorithms()
+    return (f"seed: {seed} (rank {rank}): torch, numpy and Python RNGs seeded; data loading and augmentation on "
+            "streams of their own (seed, rank, loader, batch); deterministic algorithms")
+
+
 def deterministic_algorithms() -> None:
     """torch's deterministic algorithms (warn where none exists), cuDNN deterministic, no benchmark."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any GPU matmul
