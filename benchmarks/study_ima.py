@@ -263,7 +263,7 @@ def log_facts(folder: Path) -> dict:
     epoch, the last epoch's IMA crossings, the final checkpoint's training-state digest."""
     logs = sorted(folder.glob("training_log_*.txt"))
     text = logs[-1].read_text(errors="replace") if logs else ""
-    dice = [float(np.mean([float(v) for v in re.findall(r"[-0-9.]+", d)])) for d in _PSEUDO_DICE.findall(text)]
+    dice = [float(np.mean([float(v) for v in re.findall(r"\d+\.\d+(?:e-?\d+)?", d)])) for d in _PSEUDO_DICE.findall(text)]
     out = {"val_dice_first": dice[0] if dice else None, "val_dice_last": dice[-1] if dice else None,
            "digest": (_DIGEST.findall(text) or [None])[-1]}
     hits = _IMA_LINE.findall(text)
@@ -325,8 +325,8 @@ def pooled(runs: list[dict], other: str, attack: str, eps: float):
 
 def summarize_setting(name: str, runs: list[dict]) -> dict:
     mid = max(EPS)
-    cells = {f"{o} {a} {e:g}": pooled(runs, o, a, e) for o in ("STD", "SAT") for a, e in
-             [("clean", 0.0), ("pgd", EPS[0]), ("pgd", mid), ("worst", mid)]} if runs else {}
+    cells = {f"{short} {a} {e:g}": pooled(runs, other, a, e) for short, other in (("STD", STD), ("SAT", SAT))
+             for a, e in [("clean", 0.0), ("pgd", EPS[0]), ("pgd", mid), ("worst", mid)]} if runs else {}
     return {"setting": name, "doc": SETTINGS[name].doc, "n": len(runs),
             "held": sum(r["judgement"].holds for r in runs), "shown": sum(r["judgement"].shown for r in runs),
             "above_sat": sum(r["judgement"].above_sat for r in runs), "cells": cells,
@@ -354,7 +354,7 @@ def summary_md(summaries: list[dict]) -> str:
 
 def runs_md(records: list[dict]) -> str:
     lines = ["| model | clean | PGD 2 | PGD 5 | W. 5 | val Dice first → last epoch | train min | CPU s/iter "
-             "| at eps_max % | near 0 % | crossed % |", "|---|" * 11]
+             "| at eps_max % | near 0 % | crossed % |", "|" + "---|" * 11]
 
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}"
