@@ -8,9 +8,9 @@ worst case at each ε) is the mean over the test slices of the per-slice differe
 evaluated on the same slices, so each slice's difference is one observation. An interval that
 includes 0 is "not distinguishable at this size".
 
-The paper's effect *holds* on a run (one seed) when IMA's PGD ADI is above STD's at every middle ε
-and IMA's clean ADI is at most :data:`CLEAN_TOLERANCE` below STD's; it is *shown* when, besides,
-every one of those PGD intervals lies above 0. The worst case (AutoAttack's reporting) and IMA − SAT
+The paper's effect *holds* on a run (one seed) when IMA's PGD ADI is above STD's at the middle ε
+(:func:`middle_eps`: 5 of the demo's 2, 5, 10) and IMA's clean ADI is at most :data:`CLEAN_TOLERANCE`
+below STD's; it is *shown* when, besides, that PGD interval lies above 0. The worst case (AutoAttack's reporting) and IMA − SAT
 are reported beside it, not judged. With ``--repeats N`` (N seeds of SAT and IMA from one STD) the
 verdict gives the mean and range of each difference over the seeds and the number of seeds in which
 the effect held.
@@ -86,9 +86,10 @@ def paired_bootstrap(a, b, resamples: int = RESAMPLES, level: float = LEVEL, see
 
 
 def middle_eps(eps: list[float]) -> list[float]:
-    """The noise levels the verdict judges: every eps > 0 but the largest (all of them if only one)."""
+    """The noise level the verdict judges, as a one-element list: the middle one of the positive levels
+    (the median; the upper one of an even count), as the evaluation's strength checks choose it: 5 of 2, 5, 10."""
     positive = sorted(e for e in eps if e > 0)
-    return positive[:-1] or positive
+    return positive[len(positive) // 2:][:1]
 
 
 def columns(eps: list[float]) -> list[tuple[str, float]]:
@@ -115,9 +116,9 @@ def differences(samples: dict, eps: list[float]) -> dict:
 
 @dataclass(frozen=True)
 class Judgement:
-    holds: bool            # IMA above STD under PGD at every middle eps (means), clean within the tolerance
-    shown: bool            # holds, and every one of those PGD intervals lies above 0
-    above_sat: bool        # IMA above SAT under PGD at every middle eps (means)
+    holds: bool            # IMA above STD under PGD at the middle eps (means), clean within the tolerance
+    shown: bool            # holds, and that PGD interval lies above 0
+    above_sat: bool        # IMA above SAT under PGD at the middle eps (means)
     sentence: str
 
 
@@ -135,10 +136,10 @@ def judge(diffs: dict, mids: list[float]) -> Judgement:
     above_sat = None not in vs_sat and all(d.mean > 0 for d in vs_sat)
     clean_text = f"clean ADI {clean.text()} vs STD (tolerance {100 * CLEAN_TOLERANCE:g} point)"
     if shown:
-        sentence = f"shows the paper's effect: IMA is above STD under PGD at eps {where} (every interval above 0), {clean_text}"
+        sentence = f"shows the paper's effect: IMA is above STD under PGD at eps {where} (interval above 0), {clean_text}"
     elif holds:
         sentence = (f"points the paper's way but is {UNCLEAR} ({pgd[0].n} test slices): IMA's PGD ADI is above STD's "
-                    f"at eps {where}, yet not every interval lies above 0; {clean_text}")
+                    f"at eps {where}, yet the interval includes 0; {clean_text}")
     else:
         why = [f"IMA's clean ADI is {-100 * clean.mean:.1f} points below STD's (tolerance {100 * CLEAN_TOLERANCE:g})"
                ] if not close else []
@@ -210,7 +211,7 @@ def report_repeats(runs: list[tuple], eps: list[float]) -> None:
     above = sum(j.above_sat for _, _, j in runs)
     say(f"the paper's effect held in {held} of {n} seeds (IMA above STD under PGD at eps "
         f"{' and '.join(f'{x:g}' for x in middle_eps(eps))}, clean ADI within {100 * CLEAN_TOLERANCE:g} point), "
-        f"with every interval above 0 in {shown} of {n}; IMA above SAT under PGD in {above} of {n}")
+        f"with the interval above 0 in {shown} of {n}; IMA above SAT under PGD in {above} of {n}")
 
 
 def seed_samples(folders: dict) -> list[tuple]:
