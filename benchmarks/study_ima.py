@@ -1,11 +1,12 @@
 """IMA on the demo data, seeded and paired: which setting makes the effect reliable (issue 20). Not a test.
 
-From ONE standard model (``nnUNetTrainerSTD``, the demo's 30 x 12 schedule, ``NNUNET_IMA_SEED=0``) it
-fine-tunes, for every setting and every seed s = 0 .. N-1, SAT and IMA through the real trainers
-(``nnunet-ima-train``, settings through ``NNUNET_IMA_*``, started from the STD checkpoint with
-``NNUNET_IMA_INIT_WEIGHTS``, the demo's 10 x 12 schedule, K=5 N=5 delta=1 eps_max=10, SAT eps 5, nnU-Net's
-initial lr 0.01, unless the setting changes them), each with ``NNUNET_IMA_SEED=s``: SAT and IMA of one
-seed see identical batches and augmentations, so their difference measures the method, not the draw.
+Seed s is one whole demo run ``nnunet-ima demo --seed s``: a standard model (``nnUNetTrainerSTD``, the
+demo's 30 x 12 schedule, ``NNUNET_IMA_SEED=s``) and, for every setting, SAT and IMA fine-tuned from it
+through the real trainers (``nnunet-ima-train``, settings through ``NNUNET_IMA_*``, started from that
+STD checkpoint with ``NNUNET_IMA_INIT_WEIGHTS``, the demo's 10 x 12 schedule, K=5 N=5 delta=1 eps_max=10,
+SAT eps 5, nnU-Net's initial lr 0.01, unless the setting changes them), both with ``NNUNET_IMA_SEED=s``:
+SAT and IMA of one seed see identical batches and augmentations, so their difference measures the
+method, not the draw; and every setting of seed s starts from the same STD (settings are paired too).
 A setting that changes one trainer only (SAT's eps; IMA's K or delta) reuses the other trainer's model
 of the same seed (a model is trained once, whatever setting asks for it).
 
@@ -39,6 +40,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +58,7 @@ PLANS = "nnUNetPlansDemo"
 STD, SAT, IMA = TRAINERS
 EPS = (5.0,)  # the demo's middle noise level (of its 2, 5, 10), the one its verdict judges
 SCHEDULE = {"ITERS": 12, "VAL_ITERS": 2, "K": 5, "N": 5, "DELTA": 1.0, "EPS_MAX": 10.0, "SAT_EPS": 5.0}
-EPOCHS_STD, EPOCHS_ADV, STD_SEED = 30, 10, 0
+EPOCHS_STD, EPOCHS_ADV = 30, 10
 READS = {SAT: ("K", "SAT_EPS", "INITIAL_LR", "EPOCHS"), IMA: ("K", "N", "DELTA", "EPS_MAX", "INITIAL_LR", "EPOCHS")}
 NEAR_ZERO = 0.5  # a margin below this (half of delta) counts as "near 0"
 
@@ -91,11 +93,12 @@ def _say(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- models
 @dataclass(frozen=True)
 class Model:
-    """One training run: trainer, the NNUNET_IMA_* values it differs in from SCHEDULE, seed."""
+    """One training run: trainer, the NNUNET_IMA_* values it differs in from SCHEDULE, seed (SAT and IMA
+    start from the STD model of their seed)."""
 
     trainer: str
     overrides: tuple = ()
-    seed: int = STD_SEED
+    seed: int = 0
 
     @property
     def name(self) -> str:
@@ -112,7 +115,8 @@ def model(trainer: str, changes: dict, seed: int) -> Model:
     return Model(trainer, tuple(sorted(kept.items())), seed)
 
 
-STD_MODEL = Model(STD)
+def std_model(seed: int) -> Model:
+    return Model(STD, (), seed)
 
 
 def setting_models(name: str, seed: int) -> tuple[Model, Model]:
@@ -121,11 +125,13 @@ def setting_models(name: str, seed: int) -> tuple[Model, Model]:
 
 
 def plan_models(settings: list[str], seeds: list[int]) -> list[Model]:
-    """Every model to train after STD, setting by setting, seed by seed, each once."""
-    out: list[Model] = []
+    """Every model, setting by setting, seed by seed, each once; the next seed's STD is listed before
+    this seed's SAT and IMA, so that it trains while they do."""
+    out: list[Model] = [std_model(seeds[0])]
     for name in settings:
-        for seed in seeds:
-            out += [m for m in setting_models(name, seed) if m not in out]
+        for i, seed in enumerate(seeds):
+            ahead = [std_model(seeds[i + 1])] if i + 1 < len(seeds) and std_model(seeds[i + 1]) not in out else []
+            out += [m for m in [*ahead, *setting_models(name, seed)] if m not in out]
     return out
 
 
@@ -165,7 +171,7 @@ def train_env(m: Model, workdir: Path, threads: int) -> dict:
     sched = {**SCHEDULE, "EPOCHS": EPOCHS_STD if m.trainer == STD else EPOCHS_ADV, "SEED": m.seed,
              **dict(m.overrides)}
     if m.trainer != STD:
-        sched["INIT_WEIGHTS"] = str(fold_dir(STD_MODEL, workdir) / "checkpoint_final.pth")
+        sched["INIT_WEIGHTS"] = str(fold_dir(std_model(m.seed), workdir) / "checkpoint_final.pth")
     env.update({f"NNUNET_IMA_{k}": f"{v:g}" if isinstance(v, float) else str(v) for k, v in sched.items()})
     return env
 
@@ -239,8 +245,21 @@ def evaluate(m: Model, workdir: Path, raw: Path, threads: int) -> bool:
     return rc == 0 and bool(samples_of(m, workdir))
 
 
+_LOCKS: dict[int, threading.Lock] = {}  # one per seed: its STD is trained once, before its SAT and IMA
+
+
 def run_model(m: Model, workdir: Path, raw: Path, args) -> bool:
-    """Train (unless done, or past ``--stop-at``) and evaluate one model; True when both are done."""
+    """Train (unless done, or past ``--stop-at``) and evaluate one model, its seed's STD first; True
+    when both are done."""
+    with _LOCKS.setdefault(m.seed, threading.Lock()):
+        if m.trainer != STD and not _run(std_model(m.seed), workdir, raw, args):
+            return False
+        if m.trainer == STD:
+            return _run(m, workdir, raw, args)
+    return _run(m, workdir, raw, args)
+
+
+def _run(m: Model, workdir: Path, raw: Path, args) -> bool:
     if not (fold_dir(m, workdir) / "checkpoint_final.pth").exists():
         if past(args.stop_at) or not train(m, workdir, args.threads):
             return False
@@ -300,15 +319,15 @@ def describe(m: Model, workdir: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- report
-def seed_results(name: str, seeds: list[int], workdir: Path, std_samples: dict) -> list[dict]:
+def seed_results(name: str, seeds: list[int], workdir: Path) -> list[dict]:
     """Per seed of a setting: the differences and the demo's judgement (seeds not finished left out)."""
     out = []
     for seed in seeds:
         sat, ima = setting_models(name, seed)
-        s, i = samples_of(sat, workdir), samples_of(ima, workdir)
-        if not (s and i):
+        std, s, i = (samples_of(x, workdir) for x in (std_model(seed), sat, ima))
+        if not (std and s and i):
             continue
-        samples = {**std_samples, **s, **i}
+        samples = {**std, **s, **i}
         diffs = differences(samples, [0.0, *EPS])
         out.append({"seed": seed, "diffs": diffs, "judgement": judge(diffs, list(EPS)), "samples": samples})
     return out
@@ -372,13 +391,9 @@ def runs_md(records: list[dict]) -> str:
 
 
 def report(workdir: Path, args, models: list[Model]) -> None:
-    std = samples_of(STD_MODEL, workdir)
-    if not std:
-        _say("no report: STD is not evaluated")
-        return
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    summaries = [summarize_setting(n, seed_results(n, seeds, workdir, std)) for n in args.settings]
-    records = [describe(m, workdir) for m in [STD_MODEL, *models] if samples_of(m, workdir)]
+    summaries = [summarize_setting(n, seed_results(n, seeds, workdir)) for n in args.settings]
+    records = [describe(m, workdir) for m in models if samples_of(m, workdir)]
     data = {"date": time.strftime("%Y-%m-%d %H:%M"), "eps": EPS, "schedule": SCHEDULE, "clean_tolerance":
             CLEAN_TOLERANCE, "epochs": {"std": EPOCHS_STD, "adv": EPOCHS_ADV}, "summaries": summaries,
             "models": records}
@@ -414,7 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dry_run(models: list[Model], workdir: Path, threads: int) -> None:
-    for m in [STD_MODEL, *models]:
+    for m in models:
         done = "done" if samples_of(m, workdir) else (
             "trained" if (fold_dir(m, workdir) / "checkpoint_final.pth").exists() else "todo")
         env = train_env(m, workdir, threads)
@@ -431,7 +446,7 @@ def main(argv=None) -> int:
         return 0
     raw = prepare_data(workdir)
     t0 = time.time()
-    if not args.report and run_model(STD_MODEL, workdir, raw, args):  # every other model starts from it
+    if not args.report:
         with ThreadPoolExecutor(args.jobs) as pool:  # in order: settings finish one after another
             done = list(pool.map(lambda m: run_model(m, workdir, raw, args), models))
         _say(f"{sum(done)} of {len(models)} models done; {(time.time() - t0) / 3600:.2f} h")
