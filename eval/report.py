@@ -31,7 +31,7 @@ import numpy as np
 from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
 from nnunet_ima.ui import pyplot
 
-from .metrics import MEAN, Counts
+from .metrics import DEFAULT_ADI, MEAN, Counts, sample_dice, worst_counts
 
 RESULTS_VERSION = 2
 FIELDS = ["model", "attack", "eps", "class", "class_id", "adi", "tvdi", "dice3d", "n_samples", "n_empty",
@@ -173,6 +173,49 @@ def read_table(out_dir) -> list[dict]:
         with open(out / "results.csv", newline="") as f:
             rows = list(csv.DictReader(f))
     return [_typed(r) for r in rows]
+
+
+def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.ndarray]]:
+    """Per-sample Dice behind each ADI of an ``nnunet-ima-attack`` output folder, for paired statistics
+    across models (e.g. a bootstrap over test samples).
+
+    Returns {(model, attack, eps): (cases, dice)} for every row of class "mean" in ``results.json``:
+    ``dice`` (N,) float64, each sample's Dice over the foreground classes in the row's ADI convention
+    (:func:`~.metrics.sample_dice`; NaN for the samples the "paper" convention skips), ``cases`` the
+    case id of each sample. Samples are in the evaluation's order, so two models evaluated on the
+    same test data are paired index by index (compare their ``cases``). The row's ADI is the mean of
+    ``dice`` (NaN left out). "worst" rows are rebuilt from the per-sample counts of the rows their
+    ``worst_of`` names ("clean" at eps 0), with the rule the evaluation uses (:func:`~.metrics.worst_counts`).
+    ``{}`` when the folder holds no ``results.json`` with runs.
+    """
+    out = Path(out_dir)
+    try:
+        data = json.loads((out / "results.json").read_text())
+        runs = {row_key(r["key"]): r for r in data["runs"]}
+        rows = [r for r in data["rows"] if str(r["class"]) == MEAN]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    by_name = {(r["model"], r["attack"], float(r["eps"])): r for r in rows}
+    counts = {name: _run_counts(out, runs[row_key(r)]) for name, r in by_name.items() if row_key(r) in runs}
+    result = {}
+    for (model, attack, eps), r in by_name.items():
+        conv = r.get("adi_convention") or DEFAULT_ADI
+        c = counts.get((model, attack, eps))
+        if c is None and r.get("worst_of"):
+            parts = [counts.get((model, a, 0.0 if a == "clean" else eps)) for a in str(r["worst_of"]).split(",")]
+            c = worst_counts(parts, conv)[0] if parts and None not in parts else None
+        if c is not None:
+            result[(model, attack, eps)] = (list(c.cases), sample_dice(c, conv).astype(np.float64))
+    return result
+
+
+def _run_counts(out: Path, run: dict) -> Counts | None:
+    """The per-sample counts of one run entry (None when its file is missing or unreadable)."""
+    try:
+        with np.load(out / run["samples"], allow_pickle=False) as z:
+            return Counts(z["tp"], z["fp"], z["fn"], [str(c) for c in z["cases"]])
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
 
 
 def _typed(row: dict) -> dict:

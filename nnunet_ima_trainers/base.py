@@ -34,10 +34,12 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_ima.losses import first
 from nnunet_ima.plumbing import atomic_torch_save, to_plain
 
-from .checkpoints import describe_checkpoint, read_checkpoint, state_digest, weight_mismatches
-from .config import ConfigError, IMAConfig, load_config
-from .data import sample_key_loader
+from .checkpoints import (SETTINGS_KEY, describe_checkpoint, read_checkpoint, state_digest, training_digest,
+                          weight_mismatches)
+from .config import KEYS, ConfigError, IMAConfig, load_config
+from .data import sample_key_loader, seeded_augmenters
 from .local_loss import rank_local_loss
+from .seeding import deterministic_algorithms, seed_run
 
 
 class nnUNetTrainerSTD(nnUNetTrainer):
@@ -60,10 +62,23 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         self.num_epochs = cfg.epochs or self.num_epochs
         self.num_iterations_per_epoch = cfg.iters or self.num_iterations_per_epoch
         self.num_val_iterations_per_epoch = cfg.val_iters or self.num_val_iterations_per_epoch
+        self.initial_lr = cfg.initial_lr or self.initial_lr
         self._rank_local_loss = None
         self.print_to_log_file(f"{type(self).__name__}: {self.num_epochs} epochs x {self.num_iterations_per_epoch} "
-                               f"iterations (validation {self.num_val_iterations_per_epoch})\n{cfg.describe()}",
-                               also_print_to_console=True)
+                               f"iterations (validation {self.num_val_iterations_per_epoch}), initial lr "
+                               f"{self.initial_lr:g}\n{cfg.describe()}", also_print_to_console=True)
+        self._seed()
+
+    def _seed(self) -> None:
+        """A seeded run (setting ``seed``): this process's RNGs, before the network is built, and
+        deterministic algorithms (:func:`~nnunet_ima_trainers.seeding.seed_run`). Unseeded: nothing."""
+        self.print_to_log_file(seed_run(self.ima_config.seed, self.local_rank),
+                               also_print_to_console=self.ima_config.seed is not None)
+
+    def on_train_start(self):
+        if self.ima_config.seed is not None:
+            deterministic_algorithms()  # nnU-Net's run_training switched cuDNN benchmarking on after __init__
+        super().on_train_start()
 
     @classmethod
     def _read_config(cls, plans: dict, configuration: str, dataset_json: dict) -> IMAConfig:
@@ -107,7 +122,11 @@ class nnUNetTrainerSTD(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
-        with sample_key_loader():  # batch["keys"] become sample ids ("case/slice_k" in 2d)
+        """nnU-Net's loaders; batch["keys"] are sample ids ("case/slice_k" in 2d); a seeded run's batches
+        come from streams of their own, continued at the current epoch's batches after ``--c``."""
+        epoch = self.current_epoch
+        first = (epoch * self.num_iterations_per_epoch, epoch * self.num_val_iterations_per_epoch)
+        with sample_key_loader(), seeded_augmenters(self.ima_config.seed, self.local_rank, first):
             return super().get_dataloaders()
 
     # ------------------------------------------------------------------ the optimisation step
@@ -249,11 +268,18 @@ class nnUNetTrainerSTD(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
         }
         extra = to_plain(self.extra_checkpoint_state())
-        atomic_torch_save({**to_plain(checkpoint), **extra}, filename)
+        plain = {**to_plain(checkpoint), SETTINGS_KEY: self.settings_record(), **extra}
+        atomic_torch_save(plain, filename)
+        name = os.path.basename(filename)
         if extra:
-            self.print_to_log_file(f"saved {os.path.basename(filename)}: {', '.join(extra)} "
-                                   f"digest {state_digest(extra)}")
+            self.print_to_log_file(f"saved {name}: {', '.join(extra)} digest {state_digest(extra)}")
+        self.print_to_log_file(f"saved {name}: training state digest {training_digest(plain)} "
+                               f"(seed {self.ima_config.seed})")
         self.on_checkpoint_saved(filename)
+
+    def settings_record(self) -> dict:
+        """The run's settings as stored in its checkpoints (key ``nnunet_ima_settings``)."""
+        return {**{k: getattr(self.ima_config, k) for k in KEYS}, "initial_lr": self.initial_lr}
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         """nnU-Net's restore, reading the file with :func:`~nnunet_ima_trainers.checkpoints.read_checkpoint`

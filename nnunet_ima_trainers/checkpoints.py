@@ -107,3 +107,18 @@ def _feed(h, obj) -> None:
         h.update(t.flatten().view(torch.uint8).numpy().tobytes())
     else:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+TIMESTAMPS = ("epoch_start_timestamps", "epoch_end_timestamps")  # the logger's wall-clock entries
+SETTINGS_KEY = "nnunet_ima_settings"  # the run's settings (seed included), as its training log states them
+
+
+def training_digest(checkpoint: dict) -> str:
+    """Fingerprint of what a training run produced, as a checkpoint holds it: network weights, optimizer
+    and GradScaler state, epoch, the logger's losses, learning rates and Dice (its wall-clock timestamps
+    left out) and every extra entry (IMA's margins). Two runs with one seed on one machine give one
+    digest; ``init_args`` and the settings record are left out (they hold paths, not results)."""
+    skip = {"init_args", "trainer_name", SETTINGS_KEY, "inference_allowed_mirroring_axes", "logging"}
+    state = {k: v for k, v in checkpoint.items() if k not in skip}
+    state["logging"] = {k: v for k, v in (checkpoint.get("logging") or {}).items() if k not in TIMESTAMPS}
+    return state_digest(state)

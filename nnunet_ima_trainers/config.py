@@ -9,7 +9,7 @@
    the generic rule of :func:`generic_eps_max`.
 
 Keys: eps_max, delta, k, n, dice_threshold, dice_reduction, attack_samples, norm, expand_rule,
-sat_eps, epochs, iters, val_iters, init_weights.
+sat_eps, epochs, iters, val_iters, init_weights, initial_lr, seed.
 
 * ``dice_reduction``: how the "is this segmentation correct" predicate reduces the per-class Dice
   over the foreground classes before comparing it with ``dice_threshold``: ``mean`` (default) or
@@ -19,6 +19,11 @@ sat_eps, epochs, iters, val_iters, init_weights.
   whose clean check is ``Dice >= 0``; the margin then moves by the noisy sample's correctness).
 * ``expand_rule``: when a margin grows: ``prediction`` (default, Algorithm 1 line 13) or
   ``no_crossing``.
+* ``initial_lr``: the start of nnU-Net's poly learning-rate schedule (default: the trainer's, nnU-Net's
+  0.01). nnU-Net restarts the schedule at 0.01 for a model started from ``init_weights`` too.
+* ``seed``: makes a run reproducible on one machine and library version (torch, numpy and Python RNGs,
+  the data loader and augmentation on a stream of their own, deterministic algorithms where torch has
+  them; see :mod:`nnunet_ima_trainers.seeding`). Unset (default): nnU-Net's unseeded behaviour.
 
 Any other ``NNUNET_IMA_*`` variable (a misspelt key) is an error naming the closest known one,
 as an unknown key in the JSON file is.
@@ -78,6 +83,8 @@ class IMAConfig:
     iters: int | None = None       # training iterations per epoch
     val_iters: int | None = None   # validation iterations per epoch
     init_weights: str | None = None  # nnU-Net checkpoint to start from, every weight (segmentation heads too)
+    initial_lr: float | None = None  # start of the poly lr schedule; None: the trainer's (nnU-Net: 0.01)
+    seed: int | None = None        # None: unseeded (nnU-Net's behaviour); else a reproducible run
     sources: dict = field(default_factory=dict, compare=False)
 
     def describe(self) -> str:
@@ -89,7 +96,8 @@ class IMAConfig:
 
 
 KEYS = tuple(f.name for f in fields(IMAConfig) if f.name != "sources")
-_INT_KEYS = ("k", "n", "epochs", "iters", "val_iters")
+_COUNT_KEYS = ("k", "n", "epochs", "iters", "val_iters")  # integers >= 1
+_INT_KEYS = (*_COUNT_KEYS, "seed")
 _PATH_KEYS = {"init_weights"}
 CHOICES: dict[str, tuple[str, ...]] = {   # the string settings and their allowed values
     "norm": tuple(sorted(NORMS)),
@@ -254,10 +262,14 @@ def _validate(cfg: IMAConfig, errors: list[str]) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             errors.append(f"unknown {key} {getattr(cfg, key)!r} {src(key)}, known: {list(allowed)}")
-    for key in _INT_KEYS:
+    for key in _COUNT_KEYS:
         value = getattr(cfg, key)
         if value is not None and value < 1:
             errors.append(f"{key} must be >= 1, got {value} {src(key)}")
+    if cfg.seed is not None and cfg.seed < 0:
+        errors.append(f"seed must be an integer >= 0, got {cfg.seed} {src('seed')}")
+    if cfg.initial_lr is not None and not (math.isfinite(cfg.initial_lr) and cfg.initial_lr > 0):
+        errors.append(f"initial_lr must be > 0, got {cfg.initial_lr} {src('initial_lr')}")
     if cfg.init_weights is not None:
         problem = checkpoint_problem(cfg.init_weights)
         if problem:

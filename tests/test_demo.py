@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_ima.demo import TRAINERS
@@ -47,61 +48,93 @@ def test_demo_reduced_fills_the_table(tmp_path):
     for trainer in TRAINERS:
         assert trainer in run.stdout
     assert "demo_robustness" in run.stdout
-    assert "worst case eps=1: ADI STD" in run.stdout  # the verdict reads the worst-case rows too
+    assert "worst case eps=1" in run.stdout and "paired-bootstrap interval" in run.stdout  # per-sample Dice read
+    assert "seed 0: " in run.stdout and "training state digest" in run.stdout
 
 
-def _results(path: Path, adi: dict, attack: str = "pgd", worst: dict | None = None) -> Path:
-    """A results.csv as nnunet-ima-attack writes it (only the columns the verdict needs)."""
-    path.mkdir(parents=True, exist_ok=True)
-    rows = [(model, attack, eps, value) for (model, eps), value in adi.items()]
-    rows += [(model, "worst", eps, value) for (model, eps), value in (worst or {}).items()]
-    with open(path / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["model", "attack", "eps", "class", "adi"])
-        w.writeheader()
-        for model, att, eps, value in rows:
-            w.writerow({"model": model, "attack": att, "eps": eps, "class": "mean", "adi": value})
-            w.writerow({"model": model, "attack": att, "eps": eps, "class": "grey_matter", "adi": 0.0})
-    return path
+STD, SAT, IMA = TRAINERS
+N = 10  # test slices of the crafted tables
 
 
-@pytest.mark.parametrize("ima_mid,ima_clean,shows", [
-    ((0.64, 0.55), 0.69, True),     # above STD at eps 2 and 5, clean within 0.05
-    ((0.60, 0.55), 0.69, False),    # below STD at eps 2
-    ((0.64, 0.55), 0.62, False),    # robust, but clean Dice 0.08 below STD
-    ((0.64, 0.55), 0.80, True),     # clean Dice above STD's counts as close (the paper sees this too)
+def test_paired_bootstrap_against_a_hand_computation():
+    """Differences d_i = a_i - b_i over 10 pairs; a bootstrap draw's mean is fixed by how many times each
+    value is drawn, so its quantiles follow from the binomial distribution by hand."""
+    from nnunet_ima.demo.verdict import UNCLEAR, paired_bootstrap
+
+    # d = 0 on nine slices, 0.1 on one: a draw's mean is 0.1 k / 10, k ~ Bin(10, 0.1): P(k = 0) = 0.35 > 0.025,
+    # P(k <= 2) = 0.930 < 0.975 <= P(k <= 3) = 0.987, so the interval is [0, 0.03]
+    d = paired_bootstrap([0.5] * 9 + [0.6], [0.5] * 10)
+    assert (d.mean, d.lo, d.hi, d.n) == (pytest.approx(0.01), 0.0, pytest.approx(0.03), 10)
+    assert d.word == UNCLEAR and d.text() == "+1.0 points (95% CI +0.0 to +3.0)"
+    # d = 0.01 on five slices, 0.03 on five: mean 0.01 + 0.002 k, k ~ Bin(10, 0.5): P(k <= 1) = 0.011 < 0.025 <=
+    # P(k <= 2) = 0.055 and P(k <= 7) = 0.945 < 0.975 <= P(k <= 8) = 0.989, so the interval is [0.014, 0.026]
+    d = paired_bootstrap([0.51] * 5 + [0.53] * 5, [0.5] * 10)
+    assert (d.mean, d.lo, d.hi) == (pytest.approx(0.02), pytest.approx(0.014), pytest.approx(0.026))
+    assert d.word == "above"
+    d = paired_bootstrap([0.4, np.nan, 0.4], [0.5, 0.5, np.nan])  # pairs with a skipped sample are left out
+    assert (d.n, d.mean, d.word) == (1, pytest.approx(-0.1), "below")
+
+
+def _samples(ima_clean, ima_2, ima_5, sat_5=0.45):
+    """Per-slice Dice (N slices) of STD, SAT, IMA as read_sample_dice returns them: STD clean 0.8, PGD 0.5."""
+    cases = [f"c{i // 4}" for i in range(N)]
+    flat = {(STD, "clean", 0.0): 0.8, (STD, "pgd", 2.0): 0.5, (STD, "pgd", 5.0): 0.5, (SAT, "clean", 0.0): 0.8,
+            (SAT, "pgd", 2.0): 0.5, (SAT, "pgd", 5.0): sat_5}
+    out = {k: (cases, np.full(N, v)) for k, v in flat.items()}
+    for key, value in {(IMA, "clean", 0.0): ima_clean, (IMA, "pgd", 2.0): ima_2, (IMA, "pgd", 5.0): ima_5}.items():
+        out[key] = (cases, np.broadcast_to(np.asarray(value, float), (N,)).copy())
+    return out
+
+
+def _verdict(monkeypatch, capsys, per_seed: dict, note=None):
+    import importlib
+
+    from nnunet_ima_eval import report
+
+    v = importlib.import_module("nnunet_ima.demo.verdict")  # the package's `verdict` is the function
+
+    monkeypatch.setattr(report, "read_sample_dice", lambda out: per_seed[str(out)])
+    judgements = v.verdict({s: s for s in per_seed}, [0.0, 2.0, 5.0, 10.0], note=note)
+    return judgements, capsys.readouterr().out
+
+
+NOT_CLEAR = [0.5] * 9 + [0.6]          # IMA - STD: +1.0 [+0.0, +3.0]: includes 0
+CLEAR = [0.51] * 5 + [0.53] * 5        # +2.0 [+1.4, +2.6]: above 0
+
+
+def test_verdict_gives_every_difference_with_its_interval_and_says_not_distinguishable(monkeypatch, capsys):
+    (j,), out = _verdict(monkeypatch, capsys, {"0": _samples(0.795, CLEAR, NOT_CLEAR, sat_5=0.5)})
+    assert "95% paired-bootstrap interval over 10 test slices" in out
+    assert "PGD eps=5         +1.0 [+0.0, +3.0] n.d." in out and "PGD eps=2         +2.0 [+1.4, +2.6] above" in out
+    assert "clean             -0.5 [-0.5, -0.5] below" in out  # 0.5 points below STD on every slice
+    assert j.holds and not j.shown  # the mean is above STD at the middle eps (5) and clean is within 1 point ...
+    assert "seed 0: points the paper's way but is not distinguishable at this size (10 test slices)" in out
+    assert "IMA vs SAT under PGD (reported, not judged): eps 5 +1.0 points (95% CI +0.0 to +3.0): not " \
+           "distinguishable at this size" in out
+
+
+@pytest.mark.parametrize("ima_clean,ima_5,shown,holds,says", [
+    (0.80, CLEAR, True, True, "shows the paper's effect: IMA is above STD under PGD at eps 5 (interval above 0)"),
+    (0.789, CLEAR, False, False, "does NOT show the paper's effect: IMA's clean ADI is 1.1 points below STD's"),
+    (0.85, [0.49] * 10, False, False, "IMA is not above STD under PGD at eps 5 (-1.0 points"),
 ])
-def test_verdict_judges_the_table_honestly(tmp_path, capsys, ima_mid, ima_clean, shows):
-    from nnunet_ima.demo import verdict
+def test_verdict_judges_with_the_one_point_tolerance(monkeypatch, capsys, ima_clean, ima_5, shown, holds, says):
+    from nnunet_ima.demo.verdict import CLEAN_TOLERANCE, middle_eps
 
-    std, ima = TRAINERS[0], TRAINERS[2]
-    sat = TRAINERS[1]
-    adi = {(sat, 0.0): 0.60, (sat, 2.0): 0.63, (sat, 5.0): 0.50, (sat, 10.0): 0.40,
-           (std, 0.0): 0.70, (std, 2.0): 0.62, (std, 5.0): 0.52, (std, 10.0): 0.37,
-           (ima, 0.0): ima_clean, (ima, 2.0): ima_mid[0], (ima, 5.0): ima_mid[1], (ima, 10.0): 0.10}
-    verdict(_results(tmp_path, adi), [0.0, 2.0, 5.0, 10.0])
-    out = capsys.readouterr().out
-    assert "PGD eps=2: ADI STD 0.620 vs IMA" in out and "PGD eps=5:" in out and "eps=10:" not in out
-    assert ("shows the paper's effect" in out) == shows
-    assert ("does NOT show the paper's effect" in out) == (not shows)
-    assert f"(SAT 0.630)" in out and "IMA vs SAT under PGD at eps 2: " in out
+    assert CLEAN_TOLERANCE == 0.01 and middle_eps([0, 2, 5, 10]) == [5] and middle_eps([0, 1, 8]) == [8]
+    (j,), out = _verdict(monkeypatch, capsys, {"0": _samples(ima_clean, [0.4] * 10, ima_5)})
+    assert (j.shown, j.holds) == (shown, holds) and says in out
 
 
-def test_verdict_reads_clean_rows_and_reports_the_worst_case(tmp_path, capsys):
-    """The clean ADI comes from the "clean" rows when the table has them (not only PGD at eps 0),
-    and the per-sample worst case over all attacks is printed and said in words, not judged."""
-    from nnunet_ima.demo import verdict
-
-    std, sat, ima = TRAINERS
-    adi = {(m, e): v for m, vals in ((std, (0.62, 0.52, 0.37)), (sat, (0.63, 0.50, 0.40)), (ima, (0.64, 0.55, 0.1)))
-           for e, v in zip((2.0, 5.0, 10.0), vals)}
-    out = _results(tmp_path, adi, worst={(std, 2.0): 0.60, (ima, 2.0): 0.58, (std, 5.0): 0.50, (ima, 5.0): 0.53})
-    with open(out / "results.csv", "a", newline="") as fh:  # clean rows: IMA 0.08 below STD
-        csv.writer(fh).writerows([[std, "clean", 0.0, "mean", 0.70], [ima, "clean", 0.0, "mean", 0.62]])
-    verdict(out, [0.0, 2.0, 5.0, 10.0])
-    out_text = capsys.readouterr().out
-    assert "does NOT show the paper's effect" in out_text  # clean ADI too far below STD's
-    assert "worst case eps=2: ADI STD 0.600 vs IMA 0.580" in out_text
-    assert "worst case per sample over all attacks: IMA vs STD at eps 2: not above, 5: above" in out_text
+def test_repeats_count_the_seeds_in_which_the_effect_held(monkeypatch, capsys):
+    per_seed = {"3": _samples(0.80, CLEAR, CLEAR), "4": _samples(0.78, CLEAR, CLEAR, sat_5=0.6),
+                "5": _samples(0.80, CLEAR, NOT_CLEAR)}
+    judgements, out = _verdict(monkeypatch, capsys, per_seed, note="the study's note")
+    assert [j.holds for j in judgements] == [True, False, True]
+    assert "over 3 seeds of SAT and IMA from one STD (3, 4, 5)" in out
+    assert "clean             -0.7 (-2.0 to +0.0), 0/3" in out  # mean (min to max), seeds above 0
+    assert "the paper's effect held in 2 of 3 seeds" in out and "the interval above 0 in 1 of 3" in out
+    assert "IMA above SAT under PGD in 2 of 3" in out and out.rstrip().endswith("the study's note")
 
 
 BAD_ARGS = [  # (arguments, the flag and value the one line must name)

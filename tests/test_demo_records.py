@@ -34,11 +34,12 @@ def world(tmp_path, monkeypatch):
             "n_stages": 5, "features_per_stage": [32] * 5, "kernel_sizes": [[3, 3]] * 5, "strides": [[1, 1]] * 5,
             "n_conv_per_stage": [2] * 5, "n_conv_per_stage_decoder": [2] * 4}}}}}
     (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
-    trained = []
+    trained, where = [], []
 
     def fake_train(cmd, tenv, log, show=None):
         trainer = cmd[cmd.index("-tr") + 1]
         trained.append(trainer)
+        where.append((trainer, tenv["NNUNET_IMA_SEED"], Path(tenv["nnUNet_results"]).relative_to(tmp_path).as_posix()))
         ckpt = checkpoint_path(tenv, 990, trainer, cmd[cmd.index("-p") + 1])
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ims = {k: v for k, v in tenv.items() if k.startswith("NNUNET_IMA_")}
@@ -50,9 +51,11 @@ def world(tmp_path, monkeypatch):
         args = _args(tmp_path, *extra)
         plans_name, sched = runner.choose_plans(args, env)
         trained.clear()
+        where.clear()
         train_models(args, dict(env, **(exported or {})), plans_name, sched, tmp_path)
         return list(trained)
 
+    run.where = where
     return run
 
 
@@ -73,6 +76,19 @@ def test_rerun_retrains_exactly_the_models_whose_settings_changed(world, capsys)
     assert world("--delta", "2", "--sat-eps", "3", "--epochs-adv", "4", "--epochs-std", "7",
                  "--features", "4", "8") == [STD, SAT, IMA]
     assert "plans_2d changed" in capsys.readouterr().out
+
+
+def test_seeds_repeats_and_the_fine_tuning_lr_retrain_what_they_change(world):
+    assert world() == [STD, SAT, IMA] and {s for _, s, _ in world.where} == {"0"}  # the demo is seeded by default
+    assert world("--initial-lr", "0.001") == [SAT, IMA]  # the fine-tuning's lr: STD keeps nnU-Net's
+    assert world("--initial-lr", "0.001", "--seed", "4") == [STD, SAT, IMA]
+    # two more seeds of SAT and IMA from the one STD, each in its own results folder; the first seed is reused
+    assert world("--initial-lr", "0.001", "--seed", "4", "--repeats", "3") == [SAT, IMA, SAT, IMA]
+    assert world.where == [(SAT, "5", "demo_repeats/seed_5/nnUNet_results"),
+                           (IMA, "5", "demo_repeats/seed_5/nnUNet_results"),
+                           (SAT, "6", "demo_repeats/seed_6/nnUNet_results"),
+                           (IMA, "6", "demo_repeats/seed_6/nnUNet_results")]
+    assert world("--initial-lr", "0.001", "--seed", "4", "--repeats", "3") == []
 
 
 def test_a_model_without_a_record_or_with_overwrite_is_retrained(world, tmp_path, capsys):

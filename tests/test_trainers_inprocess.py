@@ -225,8 +225,9 @@ def test_adversarial_step_and_exact_checkpoint_roundtrip(tiny_env, cls, tmp_path
     ckpt = torch.load(path, weights_only=True)  # plain tensors / strings only
     ref_path = str(tmp_path / "nnunet.pth")
     nnUNetTrainer.save_checkpoint(trainer, ref_path)  # nnU-Net's own writer: we add keys, drop none
-    extra = {"ima_margins"} if cls is nnUNetTrainerIMA else set()
+    extra = {"nnunet_ima_settings"} | ({"ima_margins"} if cls is nnUNetTrainerIMA else set())
     assert set(ckpt) == set(torch.load(ref_path, weights_only=False)) | extra
+    assert ckpt["nnunet_ima_settings"]["k"] == 2 and ckpt["nnunet_ima_settings"]["seed"] is None
 
     restored = make_trainer(tiny_env, cls)
     restored.load_checkpoint(path)
@@ -303,3 +304,13 @@ def test_attacks_use_the_plain_module_and_a_loss_without_ddp_gathering(tiny_env,
     finally:
         trainer.is_ddp = False
         dist.destroy_process_group()
+
+
+def test_initial_lr_setting_starts_the_poly_schedule(tiny_env, monkeypatch):
+    """NNUNET_IMA_INITIAL_LR: the fine-tuning's start of nnU-Net's poly schedule (default nnU-Net's 0.01)."""
+    assert make_trainer(tiny_env, nnUNetTrainerSTD).initial_lr == 1e-2
+    monkeypatch.setenv("NNUNET_IMA_INITIAL_LR", "0.002")
+    trainer = make_trainer(tiny_env, nnUNetTrainerSAT)
+    trainer.initialize()
+    trainer.on_train_epoch_start()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.002)

@@ -48,6 +48,12 @@ def test_env_overrides_file_and_file_is_read(tmp_path):
     assert "eps_max" in c.describe() and "env NNUNET_IMA_K" in c.describe()
 
 
+def test_seed_and_initial_lr_are_read_and_unset_by_default():
+    assert (cfg().seed, cfg().initial_lr) == (None, None)  # nnU-Net's behaviour: unseeded, its own 0.01
+    c = cfg(seed=0, initial_lr="1e-3")
+    assert (c.seed, c.initial_lr) == (0, 1e-3)
+
+
 def test_trainer_defaults_lose_to_env():
     c = load_config("Dataset999_Tiny", 1024, True, trainer_defaults={"epochs": 50, "iters": 50},
                     environ={"NNUNET_IMA_EPOCHS": "2"})
@@ -66,6 +72,9 @@ def test_trainer_defaults_lose_to_env():
     ({"attack_samples": "wrong"}, "unknown attack_samples 'wrong'"),
     ({"k": "abc"}, "NNUNET_IMA_K='abc' is not an integer"),
     ({"iters": 0}, "iters must be >= 1"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"seed": "1.5"}, "NNUNET_IMA_SEED='1.5' is not an integer"),
+    ({"initial_lr": 0}, "initial_lr must be > 0"),
 ])
 def test_bad_settings_one_clear_error(env, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -43,8 +43,12 @@ def check_args(args, environ=None) -> None:
 def check_numbers(args) -> None:
     """Counts >= 1, positive radii with delta <= eps_max, attack levels >= 0, a usable template cut."""
     for flag in ("--epochs-std", "--epochs-adv", "--iters", "--val-iters", "--k", "--n", "--pgd-steps", "--ifgsm-steps",
-                 "--slab", "--batch-size"):
+                 "--slab", "--batch-size", "--repeats"):
         _at_least_one(flag, getattr(args, _dest(flag)))
+    if args.seed < 0:
+        raise DemoArgumentError("--seed", args.seed, "an integer >= 0")
+    if args.initial_lr is not None and not (math.isfinite(args.initial_lr) and args.initial_lr > 0):
+        raise DemoArgumentError("--initial-lr", args.initial_lr, "a learning rate > 0")
     if not 1 <= args.dataset_id <= 999:
         raise DemoArgumentError("--dataset-id", args.dataset_id, "an nnU-Net dataset id from 1 to 999")
     for flag in ("--eps-max", "--delta", "--sat-eps"):

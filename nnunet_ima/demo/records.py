@@ -8,9 +8,10 @@ holds a small JSON record of them (:data:`RECORD`):
   would change every image, the preprocessed data and every model, so a changed dataset is refused
   with the ways out named (``--overwrite`` rebuilds it, or another ``--workdir`` / ``--dataset-id``);
 * each model (its ``fold_0`` folder): the dataset's record, the 2d configuration of its plans (the
-  network and batch size), the ``NNUNET_IMA_*`` settings that trainer reads, and for SAT / IMA the
-  SHA-256 of the standard model they start from (a retrained STD retrains them). A changed model
-  is retrained, with what changed printed.
+  network and batch size), the ``NNUNET_IMA_*`` settings that trainer reads (its seed included), and
+  for SAT / IMA the SHA-256 of the standard model they start from (a retrained STD retrains them). A
+  changed model is retrained, with what changed printed. Beside them (``info``, not compared) the
+  record keeps what the training produced: its training-state digest and the library versions.
 
 The evaluation keeps its own fingerprints (checkpoint content, test data, code version; see
 :mod:`nnunet_ima_eval.provenance`), so a retrained model is always re-attacked.
@@ -26,10 +27,13 @@ from nnunet_ima.plumbing import atomic_write_text
 RECORD = "nnunet_ima_demo.json"
 
 # the demo's NNUNET_IMA_* settings each trainer reads (any other NNUNET_IMA_* the user exported counts for all)
-DEMO_KEYS = ("EPOCHS", "ITERS", "VAL_ITERS", "K", "N", "DELTA", "EPS_MAX", "SAT_EPS", "INIT_WEIGHTS")
-READS = {"nnUNetTrainerSTD": ("EPOCHS", "ITERS", "VAL_ITERS"),
-         "nnUNetTrainerSAT": ("EPOCHS", "ITERS", "VAL_ITERS", "K", "SAT_EPS", "INIT_WEIGHTS"),
-         "nnUNetTrainerIMA": ("EPOCHS", "ITERS", "VAL_ITERS", "K", "N", "DELTA", "EPS_MAX", "INIT_WEIGHTS")}
+DEMO_KEYS = ("EPOCHS", "ITERS", "VAL_ITERS", "K", "N", "DELTA", "EPS_MAX", "SAT_EPS", "INIT_WEIGHTS", "INITIAL_LR",
+             "SEED")
+READS = {"nnUNetTrainerSTD": ("EPOCHS", "ITERS", "VAL_ITERS", "SEED"),
+         "nnUNetTrainerSAT": ("EPOCHS", "ITERS", "VAL_ITERS", "K", "SAT_EPS", "INIT_WEIGHTS", "INITIAL_LR", "SEED"),
+         "nnUNetTrainerIMA": ("EPOCHS", "ITERS", "VAL_ITERS", "K", "N", "DELTA", "EPS_MAX", "INIT_WEIGHTS", "INITIAL_LR",
+                              "SEED")}
+INFO = "info"  # what the training produced (its training-state digest, the library versions): told, never compared
 
 
 def read(folder: Path) -> dict | None:
@@ -41,8 +45,10 @@ def read(folder: Path) -> dict | None:
     return out if isinstance(out, dict) else None
 
 
-def write(folder: Path, settings: dict) -> None:
-    atomic_write_text(Path(folder) / RECORD, json.dumps(settings, indent=1, sort_keys=True))
+def write(folder: Path, settings: dict, info: dict | None = None) -> None:
+    """Write the record: ``settings`` (what :func:`changes` compares) and ``info`` (stored, not compared)."""
+    record = {**settings, **({INFO: info} if info else {})}
+    atomic_write_text(Path(folder) / RECORD, json.dumps(record, indent=1, sort_keys=True))
 
 
 def changes(old: dict | None, new: dict) -> str:
@@ -50,7 +56,7 @@ def changes(old: dict | None, new: dict) -> str:
     if old is None:
         return f"no record of its settings ({RECORD})"
     words = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted((set(old) | set(new)) - {INFO}):
         a, b = old.get(key), new.get(key)
         if a == b:
             continue

@@ -65,6 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=1.0, help="IMA margin expansion step (default 1.0)")
     p.add_argument("--eps-max", type=float, default=10.0, help="IMA eps_max / eps_train (default 10)")
     p.add_argument("--sat-eps", type=float, default=5.0, help="SAT's fixed eps (default 5)")
+    p.add_argument("--initial-lr", type=float, default=None,
+                   help="initial learning rate of the SAT / IMA fine-tuning (NNUNET_IMA_INITIAL_LR; default: "
+                        "nnU-Net's 0.01, its poly schedule restarted for the trained model)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="NNUNET_IMA_SEED of every training (default 0): a rerun with the same seed on the same "
+                        "machine and library versions reproduces the table")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="train SAT and IMA with this many seeds (--seed, --seed+1, ...) from the one standard "
+                        "model; the verdict gives mean and range over them and in how many the effect held")
     p.add_argument("--eps", type=float, nargs="+", default=[0.0, 2.0, 5.0, 10.0],
                    help="L2 noise levels for the evaluation (default 0 2 5 10)")
     p.add_argument("--pgd-steps", type=int, default=100, help="PGD steps in the evaluation (paper: 100)")
@@ -93,6 +102,10 @@ def prepare_folders(workdir: str) -> dict:
         except OSError as e:  # what os.access could not foresee (read-only mounts, /proc, ...)
             raise DemoArgumentError(flag, env[var], f"a folder that can be created ({e.strerror})") from None
     env.setdefault("nnUNet_compile", "false")
+    # OpenMP threads that spin while they wait for work are starved when other jobs share the cores: measured on
+    # this project's 2-core machine at load 10-15, a 2-thread conv step took 1.46 s spinning, 0.21 s passive
+    # (0.31 s with one thread). The arithmetic, hence every result, is the same either way.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # nnU-Net's validation export spawns nnUNet_def_n_proc (default 8) workers that each import torch:
     # minutes of overhead on a 2-core machine for a few small cases
     env.setdefault("nnUNet_def_n_proc", "1")
@@ -203,55 +216,119 @@ def checkpoint_path(env: dict, dataset_id: int, trainer: str, plans: str) -> Pat
             f"{trainer}__{plans}__2d" / "fold_0" / "checkpoint_final.pth")
 
 
-def training_env(args: argparse.Namespace, env: dict, sched: dict, trainer: str, std_ckpt: Path) -> dict:
+def seeds(args: argparse.Namespace) -> list[int]:
+    """The seeds of SAT and IMA: --seed, --seed + 1, ... (--repeats of them); STD's is --seed."""
+    return [args.seed + j for j in range(args.repeats)]
+
+
+def repeat_root(env: dict, seed: int) -> Path:
+    """Where the SAT / IMA models and results of a repeat's seed live (the first seed: the usual folders)."""
+    return Path(env["nnUNet_results"]).parent / "demo_repeats" / f"seed_{seed}"
+
+
+def training_env(args: argparse.Namespace, env: dict, sched: dict, trainer: str, std_ckpt: Path, seed: int) -> dict:
     """The NNUNET_IMA_* settings of one training run (the trainers read no arguments)."""
     std = trainer == TRAINERS[0]
     tenv = dict(env, NNUNET_IMA_ITERS=str(sched["iters"]), NNUNET_IMA_VAL_ITERS=str(args.val_iters),
                 NNUNET_IMA_K=str(sched["k"]), NNUNET_IMA_N=str(sched["n"]), NNUNET_IMA_DELTA=str(args.delta),
                 NNUNET_IMA_EPS_MAX=str(args.eps_max), NNUNET_IMA_SAT_EPS=str(args.sat_eps),
-                NNUNET_IMA_EPOCHS=str(sched["epochs_std"] if std else sched["epochs_adv"]))
+                NNUNET_IMA_EPOCHS=str(sched["epochs_std"] if std else sched["epochs_adv"]), NNUNET_IMA_SEED=str(seed))
     if not std:  # the papers' time saver: start from the whole standard model (nnU-Net's
         tenv["NNUNET_IMA_INIT_WEIGHTS"] = str(std_ckpt)  # -pretrained_weights would drop its output heads)
+        if args.initial_lr is not None:
+            tenv["NNUNET_IMA_INITIAL_LR"] = str(args.initial_lr)
     return tenv
 
 
+def library_versions() -> dict:
+    """Python and the libraries a training's numbers depend on (named beside README's table)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("nnunet-ima", "nnunetv2", "torch", "numpy", "batchgenerators", "batchgeneratorsv2"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+_DIGEST = re.compile(r"saved checkpoint_final\.pth: training state digest (\w+)")
+
+
+def training_digest(fold: Path) -> str | None:
+    """The final checkpoint's training-state digest, as the trainer's log states it."""
+    logs = sorted(fold.glob("training_log_*.txt"))
+    found = _DIGEST.findall(logs[-1].read_text(errors="replace")) if logs else []
+    return found[-1] if found else None
+
+
 def train_models(args: argparse.Namespace, env: dict, plans: str, sched: dict, logdir: Path) -> None:
-    """Step 3: STD, then SAT and IMA from STD's weights, each through ``nnunet-ima-train``. A model
-    is reused only when its record matches what this run asks for; otherwise it is retrained and
-    what changed is printed (:mod:`~nnunet_ima.demo.records`)."""
+    """Step 3: STD (seed --seed), then for each seed SAT and IMA from STD's weights, each through
+    ``nnunet-ima-train``. A model is reused only when its record matches what this run asks for;
+    otherwise it is retrained and what changed is printed (:mod:`~nnunet_ima.demo.records`)."""
+    pre = Path(env["nnUNet_preprocessed"]) / dataset_folder_name(args.dataset_id, DATASET_NAME)
+    inputs = dict(std_ckpt=checkpoint_path(env, args.dataset_id, TRAINERS[0], plans),
+                  dataset=records.dataset_settings(args.resolution, args.slab),
+                  plans_2d=json.loads((pre / f"{plans}.json").read_text())["configurations"]["2d"])
+    for j, seed in enumerate(seeds(args)):
+        renv = env if j == 0 else dict(env, nnUNet_results=str(repeat_root(env, seed) / "nnUNet_results"))
+        for trainer in TRAINERS if j == 0 else TRAINERS[1:]:
+            log = logdir / (f"train_{trainer}.log" if j == 0 else f"train_{trainer}_seed{seed}.log")
+            train_one(args, renv, plans, sched, trainer, seed, inputs, log)
+
+
+def train_one(args, env: dict, plans: str, sched: dict, trainer: str, seed: int, inputs: dict, log: Path) -> None:
+    """Train one model unless a model with the same record exists; write its record."""
     from nnunet_ima_eval.provenance import file_digest
 
-    std_ckpt = checkpoint_path(env, args.dataset_id, TRAINERS[0], plans)
-    pre = Path(env["nnUNet_preprocessed"]) / dataset_folder_name(args.dataset_id, DATASET_NAME)
-    plans_2d = json.loads((pre / f"{plans}.json").read_text())["configurations"]["2d"]
-    dataset = records.dataset_settings(args.resolution, args.slab)
-    for trainer in TRAINERS:
-        ckpt = checkpoint_path(env, args.dataset_id, trainer, plans)
-        tenv = training_env(args, env, sched, trainer, std_ckpt)
-        start = file_digest(std_ckpt) if trainer != TRAINERS[0] else None
-        wanted = records.model_settings(trainer, tenv, dataset, plans_2d, start)
-        if ckpt.exists() and not args.overwrite:
-            changed = records.changes(records.read(ckpt.parent), wanted)
-            if not changed:
-                say(f"{trainer}: trained model exists with these settings, skipping ({ckpt})")
-                continue
-            say(f"{trainer}: retraining, the existing model does not match: {changed}")
-        (ckpt.parent / records.RECORD).unlink(missing_ok=True)  # a crash mid-training leaves no stale record
-        cmd = nnunet_command("nnunet-ima-train") + [
-            str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", args.device]
-        say(f"training {trainer}")
-        _stream(cmd, tenv, logdir / f"train_{trainer}.log")
-        records.write(ckpt.parent, wanted)
+    ckpt = checkpoint_path(env, args.dataset_id, trainer, plans)
+    tenv = training_env(args, env, sched, trainer, inputs["std_ckpt"], seed)
+    start = file_digest(inputs["std_ckpt"]) if trainer != TRAINERS[0] else None
+    wanted = records.model_settings(trainer, tenv, inputs["dataset"], inputs["plans_2d"], start)
+    name = f"{trainer} (seed {seed})"
+    if ckpt.exists() and not args.overwrite:
+        changed = records.changes(records.read(ckpt.parent), wanted)
+        if not changed:
+            say(f"{name}: trained model exists with these settings, skipping ({ckpt})")
+            return
+        say(f"{name}: retraining, the existing model does not match: {changed}")
+    (ckpt.parent / records.RECORD).unlink(missing_ok=True)  # a crash mid-training leaves no stale record
+    cmd = nnunet_command("nnunet-ima-train") + [
+        str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", args.device]
+    say(f"training {name}")
+    _stream(cmd, tenv, log)
+    digest = training_digest(ckpt.parent)
+    records.write(ckpt.parent, wanted, {"training_digest": digest, "versions": library_versions()})
+    say(f"{name}: training state digest {digest}")
 
 
-def attack_command(args: argparse.Namespace, raw: Path, plans: str, out: Path) -> list[str]:
-    """``nnunet-ima-attack`` on the held-out test slabs of all three models."""
+def attack_command(args: argparse.Namespace, raw: Path, plans: str, out: Path, trainers=TRAINERS) -> list[str]:
+    """``nnunet-ima-attack`` on the held-out test slabs of ``trainers``."""
     cmd = nnunet_command("nnunet-ima-attack") + [
-        "-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-p", plans, "-tr", *TRAINERS,
+        "-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-p", plans, "-tr", *trainers,
         "-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "--eps", *[f"{e:g}" for e in args.eps],
         "--attacks", *ATTACKS, "--pgd-steps", str(args.pgd_steps),
         "--ifgsm-steps", str(args.ifgsm_steps), "-o", str(out), "--device", args.device]
     return cmd + (["--overwrite"] if args.overwrite else [])
+
+
+def attack_models(args: argparse.Namespace, env: dict, raw: Path, plans: str, logdir: Path) -> dict:
+    """Step 4: the three models of the first seed into ``demo_robustness/``, SAT and IMA of every
+    further seed into its ``demo_repeats/seed_<s>/robustness/``; returns {seed: output folder}."""
+    folders = {}
+    for j, seed in enumerate(seeds(args)):
+        if j == 0:
+            out, renv, trainers, log = Path(env["nnUNet_results"]).parent / "demo_robustness", env, TRAINERS, "attack"
+        else:
+            root = repeat_root(env, seed)
+            out, renv, trainers = root / "robustness", dict(env, nnUNet_results=str(root / "nnUNet_results")), TRAINERS[1:]
+            log = f"attack_seed{seed}"
+        say(f"attacking {', '.join(trainers)} (seed {seed}) on the held-out test slabs")
+        _stream(attack_command(args, raw, plans, out, trainers), renv, logdir / f"{log}.log", show=None)
+        folders[seed] = out
+    return folders
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,12 +344,28 @@ def run(args: argparse.Namespace) -> int:
     raw = build_dataset(env, args.dataset_id, args.resolution, args.slab, args.overwrite)
     plan(env, args.dataset_id, raw, logdir)
     plans, sched = choose_plans(args, env)
-    say(f"plans {plans}; schedule {sched}; IMA delta={args.delta} eps_max={args.eps_max}; SAT eps={args.sat_eps}")
+    lr = "nnU-Net's 0.01" if args.initial_lr is None else f"{args.initial_lr:g}"
+    say(f"plans {plans}; schedule {sched}; IMA delta={args.delta} eps_max={args.eps_max}; SAT eps={args.sat_eps}; "
+        f"fine-tuning lr {lr}; seed {args.seed} (SAT/IMA seeds {', '.join(map(str, seeds(args)))})\n    versions: "
+        + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
     train_models(args, env, plans, sched, logdir)
-    out = Path(env["nnUNet_results"]).parent / "demo_robustness"
-    say("attacking all models on the held-out test slabs")
-    _stream(attack_command(args, raw, plans, out), env, logdir / "attack.log", show=None)
-    verdict(out, args.eps)
-    say(f"done in {(time.time() - t0) / 60:.1f} min. Results: {out} (results.csv, results.json, plots); "
-        f"models: {Path(env['nnUNet_results']) / raw.name}")
+    folders = attack_models(args, env, raw, plans, logdir)
+    verdict(folders, args.eps, note=STUDY_NOTE if at_defaults(args) else None)
+    out = folders[args.seed]
+    say(f"done in {(time.time() - t0) / 60:.1f} min (seed {args.seed}, {args.repeats} seed(s) of SAT and IMA). "
+        f"Results: {out} (results.csv, results.json, plots); models: {Path(env['nnUNet_results']) / raw.name}")
     return 0
+
+
+# what benchmarks/study_ima.py found at the demo's defaults (printed under a verdict of a run at those defaults)
+STUDY_NOTE = None
+_JUDGED = ("resolution", "slab", "epochs_std", "epochs_adv", "iters", "val_iters", "k", "n", "delta", "eps_max",
+           "sat_eps", "initial_lr", "eps", "pgd_steps", "ifgsm_steps", "features", "batch_size", "paper")
+
+
+def at_defaults(args: argparse.Namespace) -> bool:
+    """Whether every setting the study varied or fixed is the demo's default (the study's note applies)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = parser.parse_args([])
+    return all(getattr(args, k) == getattr(defaults, k) for k in _JUDGED)
