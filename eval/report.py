@@ -202,8 +202,10 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
         conv = r.get("adi_convention") or DEFAULT_ADI
         c = counts.get((model, attack, eps))
         if c is None and r.get("worst_of"):
-            parts = [counts.get((model, a, 0.0 if a == "clean" else eps)) for a in str(r["worst_of"]).split(",")]
-            c = worst_counts(parts, conv)[0] if parts and None not in parts else None
+            names = str(r["worst_of"]).split(",")  # "clean" first, then the attacks (eval/pipeline.py)
+            parts = [counts.get((model, a, 0.0 if a == "clean" else eps)) for a in names]
+            ok = len(parts) > 1 and names[0] == "clean" and None not in parts
+            c = worst_counts(parts[0], parts[1:], conv)[0] if ok else None
         if c is not None:
             result[(model, attack, eps)] = (list(c.cases), sample_dice(c, conv).astype(np.float64))
     return result

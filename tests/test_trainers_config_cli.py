@@ -107,7 +107,8 @@ def test_every_nnunet_ima_variable_the_project_uses_is_accepted(tmp_path):
             "NNUNET_IMA_DICE_THRESHOLD": "0.5", "NNUNET_IMA_DICE_REDUCTION": "max", "NNUNET_IMA_ATTACK_SAMPLES": "all",
             "NNUNET_IMA_NORM": "linf", "NNUNET_IMA_EXPAND_RULE": "no_crossing", "NNUNET_IMA_SAT_EPS": "2",
             "NNUNET_IMA_EPOCHS": "1", "NNUNET_IMA_ITERS": "2", "NNUNET_IMA_VAL_ITERS": "1",
-            "NNUNET_IMA_INIT_WEIGHTS": str(ckpt), "NNUNET_IMA_CONFIG": str(tmp_path / "ima.json")}
+            "NNUNET_IMA_INIT_WEIGHTS": str(ckpt), "NNUNET_IMA_CONFIG": str(tmp_path / "ima.json"),
+            "NNUNET_IMA_SEED": "7", "NNUNET_IMA_INITIAL_LR": "0.02"}
     assert set(good) == ENV_NAMES
     c = cfg(good)
     assert all(s.startswith("env") for k, s in c.sources.items()) and len(c.sources) == len(ENV_NAMES) - 1
