@@ -126,7 +126,7 @@ def measure(model, cases, eps: float, steps_list, batch_size: int, max_samples: 
                       progress=False).run("clean", 0.0)
     res = {("clean", 0): (adi(clean.counts)["mean"], clean.seconds)}
     for steps in steps_list:
-        settings = dict(pgd_steps=steps, steps_other=steps, apgd_steps=steps, batch_size=batch_size)
+        settings = dict(pgd_steps=steps, segpgd_steps=steps, cospgd_steps=steps, apgd_steps=steps, batch_size=batch_size)
         ev = Evaluator(model, cases, AttackSettings(iterate=iterate, **settings), max_samples=max_samples,
                        progress=False)
         counts = []

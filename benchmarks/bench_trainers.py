@@ -190,7 +190,7 @@ class WorstCasePredicate:
 def prepare_dataset(args) -> Path:
     """Set the nnU-Net environment; return the 2d plans file (generated + preprocessed if needed)."""
     root = Path(args.root or tempfile.mkdtemp(prefix="bench_trainers_"))
-    from nnunet_ima.demo.nnunet_data import nnunet_env, plan_and_preprocess, write_raw_dataset
+    from nnunet_ima_demo.nnunet_data import nnunet_env, plan_and_preprocess, write_raw_dataset
 
     env = nnunet_env(root)
     env.update(nnUNet_n_proc_DA="0", nnUNet_compile="true" if args.compile == "on" else "false",

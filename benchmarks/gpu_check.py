@@ -370,7 +370,7 @@ class Ctx:
 def base_env(work: Path, device: str) -> dict:
     """The children's environment: nnU-Net's folders under ``work``, the trainers findable (what
     ``eval "$(nnunet-ima-env)"`` sets), no NNUNET_IMA_* of the caller's, light worker pools."""
-    from nnunet_ima.demo.nnunet_data import nnunet_env
+    from nnunet_ima_demo.nnunet_data import nnunet_env
     from nnunet_ima_trainers import ext_trainer_path
 
     env = {k: v for k, v in nnunet_env(work).items() if not k.startswith("NNUNET_IMA_")}
@@ -443,7 +443,7 @@ def import_check() -> float:
 
 def command(name: str) -> list[str]:
     """An nnU-Net console script, as the project finds it (beside this Python, else on PATH)."""
-    from nnunet_ima.demo.nnunet_data import nnunet_command
+    from nnunet_ima_demo.nnunet_data import nnunet_command
 
     cmd = nnunet_command(name)
     if not Path(cmd[0]).is_file() and shutil.which(cmd[0]) is None:
@@ -466,7 +466,7 @@ def make_dataset(ctx: Ctx) -> dict:
     sys.path.insert(0, str(REPO / "tests"))  # test-only data generators
     from data_gen import synthetic_shapes
 
-    from nnunet_ima.demo.nnunet_data import write_raw_dataset
+    from nnunet_ima_demo.nnunet_data import write_raw_dataset
 
     s, t0 = ctx.sizes, time.perf_counter()
     write_raw_dataset(ctx.env["nnUNet_raw"], DATASET_ID, DATASET_NAME, synthetic_shapes(s.cases, shape=s.shape),
@@ -892,7 +892,7 @@ def run_parts(ctx: Ctx) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from nnunet_ima.plumbing import OneLineParser
+    from nnunet_ima.ui import OneLineParser
 
     p = OneLineParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)

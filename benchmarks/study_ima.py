@@ -12,7 +12,7 @@ of the same seed (a model is trained once, whatever setting asks for it).
 
 Each model is attacked with ``nnunet-ima-attack`` as the demo does (clean, L2 PGD-100 and IFGSM-10 at
 the demo's middle eps 5, the per-sample worst case; no sanity checks) on the demo's 16 test slices.
-Per seed the demo's own verdict code (:mod:`nnunet_ima.demo.verdict`) gives every difference IMA − STD
+Per seed the demo's own verdict code (:mod:`nnunet_ima_demo.verdict`) gives every difference IMA − STD
 and IMA − SAT with its 95 % paired-bootstrap interval over the slices, and whether the paper's effect
 held (IMA above STD under PGD at eps 5, clean ADI at most ``CLEAN_TOLERANCE`` = 1 point below STD's)
 and was shown (that interval above 0). Per setting: in how many seeds it held / was shown / IMA was above
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_ima.demo.mni import DATASET_NAME
-from nnunet_ima.demo.nnunet_data import dataset_folder_name, nnunet_command
-from nnunet_ima.demo.verdict import CLEAN_TOLERANCE, TRAINERS, differences, judge, paired_bootstrap
+from nnunet_ima_demo.mni import DATASET_NAME
+from nnunet_ima_demo.nnunet_data import dataset_folder_name, nnunet_command
+from nnunet_ima_demo.verdict import CLEAN_TOLERANCE, TRAINERS, differences, judge, paired_bootstrap
 from nnunet_ima_eval.report import read_sample_dice
 
 DATASET_ID = 990
@@ -147,7 +147,7 @@ def base_env(workdir: Path, threads: int) -> dict:
 
 def prepare_data(workdir: Path) -> Path:
     """Build the demo dataset and plans exactly as ``nnunet-ima demo`` does; returns the raw folder."""
-    from nnunet_ima.demo.runner import build_dataset, plan, write_demo_plans
+    from nnunet_ima_demo.runner import build_dataset, plan, write_demo_plans
 
     env = base_env(workdir, 2)
     for var in ("nnUNet_raw", "nnUNet_preprocessed"):

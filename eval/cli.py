@@ -13,17 +13,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnunet_ima import seg_attacks
-from nnunet_ima.plumbing import OneLineParser
+from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device
 
+from .attacks import ATTACKS
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
 from .runner import ITERATES, STRONG_APGD_STEPS, SUITES, WORST
 
 
+PROG = "nnunet-ima-attack"
+COMMAND = "attack"  # its key in the old spellings of nnunet_ima.ui.VOCABULARY
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
-        prog="nnunet-ima-attack",
+        prog=PROG,
         description="Attack trained nnU-Net models in the network's input space (L2 or Linf; PGD and IFGSM as in "
                     "the IMA papers, or SegPGD, CosPGD, APGD and the per-sample worst case) and report ADI, TVDI and "
                     "per-case 3D Dice per noise level (Ma & Liang, IMA).",
@@ -37,12 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more trainers to compare (rows of the table); any trainer nnU-Net finds")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
     p.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="checkpoint file name")
-    p.add_argument("--eps", type=float, nargs="+", required=True,
-                   help="noise levels (norm of the perturbation of one sample in the network's z-scored input space)")
-    p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
-                   help="attacks to run: pgd (random start), ifgsm (the papers'), segpgd, cospgd, apgd, apgd-mce, "
-                        "apgd-bmce, apgd-js (those the installed kernel offers), and worst = per sample the lowest "
-                        "Dice over clean and the other attacks at that eps (AutoAttack's reporting); None = pgd ifgsm")
+    add_option(p, COMMAND, "eps", required=True,
+               help="noise levels (norm of the perturbation of one sample in the network's z-scored input space)")
+    add_option(p, COMMAND, "attacks", default=None,
+               help=f"attacks to run: {', '.join(ATTACKS)} (nnunet_ima_eval.attacks.ATTACKS), and worst = per "
+                    "sample the lowest Dice over clean and the other attacks at that eps (AutoAttack's reporting); "
+                    "None = pgd ifgsm")
     p.add_argument("--suite", choices=sorted(SUITES), default=None,
                    help="a preset instead of --attacks: paper = pgd ifgsm; strong = pgd segpgd cospgd apgd-mce "
                         "apgd-bmce apgd-js worst (a Croce-style ensemble)")
@@ -50,45 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the point of pgd, ifgsm, segpgd, cospgd a sample is counted at: final (the papers' protocol) or "
                         "best (per sample the iterate with the lowest Dice, at no extra attack cost); None = final, "
                         "best with --suite strong. The apgd attacks always return their lowest-Dice iterate (SEA)")
-    p.add_argument("--norm", choices=["l2", "linf"], default="l2",
-                   help="norm of the perturbation budget eps: l2 (the papers') or linf")
+    add_option(p, COMMAND, "norm", default="l2", help="norm of the perturbation budget eps: l2 (the papers') or linf")
     p.add_argument("--loss", choices=["dicece", "ce"], default="dicece",
                    help="loss of pgd/ifgsm/apgd: the model's own Dice+CE (per sample) or cross-entropy")
     p.add_argument("--adi", dest="adi_convention", choices=list(ADI_CONVENTIONS), default=DEFAULT_ADI,
                    help="ADI convention: project = a class absent from truth and prediction is left out (a blank "
                         "slice predicted blank scores 1); paper = the authors' code (absent class scores 0, slices "
                         "without foreground skipped), which the paper's tables used")
-    p.add_argument("--pgd-steps", dest="pgd_steps", type=int, default=100, help="PGD iterations (random start)")
-    p.add_argument("--steps-pgd", dest="pgd_steps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--ifgsm-steps", dest="ifgsm_steps", type=int, default=10, help="IFGSM iterations (no random start)")
-    p.add_argument("--steps-ifgsm", dest="ifgsm_steps", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--steps", dest="steps_other", type=int, default=100,
-                   help="iterations of segpgd and cospgd")
-    p.add_argument("--apgd-steps", type=int, default=None,
-                   help=f"iterations of apgd, apgd-mce, apgd-bmce, apgd-js (None = 100; {STRONG_APGD_STEPS} with "
-                        f"--suite strong: the masked losses are weak with few iterations)")
+    add_option(p, COMMAND, "pgd_steps", default=100, help="PGD iterations (random start)")
+    add_option(p, COMMAND, "ifgsm_steps", default=10, help="IFGSM iterations (no random start)")
+    add_option(p, COMMAND, "segpgd_steps", default=100, help="SegPGD iterations")
+    add_option(p, COMMAND, "cospgd_steps", default=100, help="CosPGD iterations")
+    add_option(p, COMMAND, "apgd_steps", default=None,
+               help=f"iterations of apgd, apgd-mce, apgd-bmce, apgd-js (None = 100; {STRONG_APGD_STEPS} with "
+                    f"--suite strong: the masked losses are weak with few iterations)")
     p.add_argument("-i", dest="images", default=None,
                    help="raw test images (CASE_0000.nii.gz...) instead of the fold's validation cases; needs -l")
     p.add_argument("-l", dest="labels", default=None, help="raw test labels (CASE.nii.gz) matching -i")
-    p.add_argument("-o", dest="output", required=True, help="output folder (created; may hold an earlier run)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples (slices / patches) per attack batch")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
-    p.add_argument("--overwrite", action="store_true", help="recompute every result, even with unchanged inputs")
+    add_option(p, COMMAND, "output", required=True, help="output folder (created; may hold an earlier run)")
+    add_option(p, COMMAND, "batch_size", default=16, help="samples (slices / patches) per attack batch")
+    add_option(p, COMMAND, "device", default=None, help=f"{DEVICES} (default: cuda if available, else cpu)")
+    add_option(p, COMMAND, "overwrite", help="recompute every result, even with unchanged inputs")
     p.add_argument("--save-examples", type=int, default=0, metavar="N",
                    help="save N samples per model/attack/eps as NIfTI (+ PNG overlay)")
     p.add_argument("--max-samples", type=int, default=None, help="attack only the first N samples (quick runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    add_option(p, COMMAND, "seed", default=0, help="seed of the attacks' random starts")
     p.add_argument("--no-sanity", action="store_true", help="skip the extra sanity-check attacks")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_option(p, COMMAND, "quiet", help="no progress bars")
     return p
 
 
 def _check_numbers(args) -> None:
-    bad = [e for e in args.eps if not e >= 0 or e != e or e == float("inf")]
-    if bad:
-        raise EvalError(f"--eps must be finite and >= 0, got {', '.join(f'{e:g}' for e in bad)}")
     for flag, value in (("--pgd-steps", args.pgd_steps), ("--ifgsm-steps", args.ifgsm_steps),
-                        ("--steps", args.steps_other), ("--batch-size", args.batch_size),
+                        ("--segpgd-steps", args.segpgd_steps), ("--cospgd-steps", args.cospgd_steps),
+                        ("--batch-size", args.batch_size),
                         ("--apgd-steps", 1 if args.apgd_steps is None else args.apgd_steps)):
         if value < 1:
             raise EvalError(f"{flag} must be >= 1, got {value}")
@@ -103,7 +102,7 @@ def _check_attacks(args) -> None:
     if args.suite and args.attacks:
         raise EvalError("--suite and --attacks: give one of them")
     names = SUITES[args.suite] if args.suite else (args.attacks or SUITES["paper"])
-    known = seg_attacks.SEG_ATTACKS
+    known = ATTACKS
     unknown = [a for a in names if a not in known and a != WORST]
     if unknown:
         raise EvalError(f"--attacks: unknown {', '.join(unknown)}; available: {', '.join([*known, WORST])}")
@@ -132,12 +131,7 @@ def validate(args) -> None:
         raise EvalError("-tr: each trainer once")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise EvalError(f"-o {args.output} is a file: give a folder (new or from an earlier run)")
-    import torch
-
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda: no CUDA device available")
+    args.device = resolve_device(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         return run(args)
-    except EvalError as e:
-        print(f"nnunet-ima-attack: error: {e}", file=sys.stderr)
-        return 2
+    except (EvalError, UsageError) as e:
+        return report_error(PROG, e)
     except KeyboardInterrupt:
-        print(f"nnunet-ima-attack: interrupted; finished rows are in {args.output}", file=sys.stderr)
+        print(f"{PROG}: interrupted; finished rows are in {args.output}", file=sys.stderr)
         return 130
 
 

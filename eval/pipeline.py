@@ -64,7 +64,8 @@ def prepare(args) -> Plan:
     if args.images:
         _check_raw_layout(args, next(iter(ckpts.values())))
     settings = AttackSettings(norm=args.norm, loss=args.loss, pgd_steps=args.pgd_steps, ifgsm_steps=args.ifgsm_steps,
-                              steps_other=args.steps_other, apgd_steps=args.apgd_steps, batch_size=args.batch_size,
+                              segpgd_steps=args.segpgd_steps, cospgd_steps=args.cospgd_steps,
+                              apgd_steps=args.apgd_steps, batch_size=args.batch_size,
                               seed=args.seed, convention=args.adi_convention, iterate=args.iterate)
     source = "fold" if not args.images else f"raw:{os.path.abspath(args.images)}"
     store = report.ResultStore(Path(args.output), overwrite=args.overwrite)

@@ -1,8 +1,8 @@
 """Attack every sample of every test case and count TP / FP / FN, for each model x attack x eps.
 
 Data and model are loaded once per model; batches are built once and reused by every attack and
-noise level. The attacks are the kernel's registry (:data:`nnunet_ima.seg_attacks.SEG_ATTACKS`: PGD
-with a random start, IFGSM without, SegPGD, CosPGD, APGD with several objectives), run in the
+noise level. The attacks are the evaluation's registry (:data:`nnunet_ima_eval.attacks.ATTACKS`: PGD
+with a random start, IFGSM without, SegPGD, CosPGD, APGD with several objectives, all on the kernel), run in the
 network's input space (nnU-Net's z-scored, preprocessed images: eps is the L2 (or Linf) norm of the
 perturbation of one whole sample).
 
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnunet_ima import seg_attacks
 from nnunet_ima.losses import first, scored_labels, valid_pixels
 from nnunet_ima.norms import get_norm
 from nnunet_ima.predicates import tp_fp_fn
 
+from .attacks import ATTACKS
 from .data import Batch, Case, SampleRef, make_batches, sample_refs
 from .metrics import DEFAULT_ADI, Counts, sample_dice_of, summarize
 from .model import LoadedModel, attack_loss
@@ -50,7 +50,8 @@ class AttackSettings:
     loss: str = "dicece"      # "dicece" (the trainer's DC_and_CE_loss, per sample) or "ce"
     pgd_steps: int = 100      # PGD iterations (random start in the eps-ball)
     ifgsm_steps: int = 10     # IFGSM iterations (no random start)
-    steps_other: int = 100    # iterations of SegPGD, CosPGD and any other attack
+    segpgd_steps: int = 100   # SegPGD iterations
+    cospgd_steps: int = 100   # CosPGD iterations
     apgd_steps: int = 100     # iterations of APGD (apgd, apgd-mce, apgd-bmce, apgd-js)
     batch_size: int = 32      # samples per forward/backward
     seed: int = 0             # seeds random starts (one generator per (attack, eps) run)
@@ -58,15 +59,12 @@ class AttackSettings:
     iterate: str = "final"    # "final" (the papers') or "best": PGD-type attacks keep per sample their lowest-Dice iterate
 
     def steps(self, attack: str) -> int:
-        if attack in (CLEAN, WORST):
-            return 0
-        if attack.startswith("apgd"):
-            return self.apgd_steps
-        return {"pgd": self.pgd_steps, "ifgsm": self.ifgsm_steps}.get(attack, self.steps_other)
+        """Iterations of ``attack``: the settings field its registry entry names (0 for clean and worst)."""
+        return 0 if attack in (CLEAN, WORST) else getattr(self, ATTACKS[attack].steps)
 
     def keeps_best(self, attack: str) -> bool:
         """Whether ``attack`` returns per sample its lowest-Dice iterate (APGD always does, as SEA's)."""
-        return attack in seg_attacks.KEEPS_BEST or (self.iterate == "best" and attack not in (CLEAN, WORST))
+        return (attack in ATTACKS and ATTACKS[attack].keeps_best) or (self.iterate == "best" and attack not in (CLEAN, WORST))
 
     def iterate_of(self, attack: str) -> str:
         """What a stored result of ``attack`` depends on besides its settings: "final", or "best-<convention>"
@@ -141,7 +139,7 @@ class Evaluator:
         self.attacked = MaskedInput(model.network).eval()
         self.loss = attack_loss(model, settings.loss)
         self.ignore_label = model.label_manager.ignore_label
-        self.registry = dict(seg_attacks.SEG_ATTACKS)
+        self.registry = {name: a.run for name, a in ATTACKS.items()}
 
     def labels(self, b: Batch) -> torch.Tensor:
         """The batch's labels (B, 1, *S) with padding and the ignore label marked ``NOT_SCORED``: what the

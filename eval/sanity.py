@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from nnunet_ima import seg_attacks
+from nnunet_ima import baselines
 
 from .metrics import Counts, adi, sample_dice_of
 from .runner import CLEAN, Evaluation, Evaluator
@@ -116,7 +116,7 @@ def check_more_steps(ev: Evaluator, attack: str, eps: float, reported: Counts, f
 def check_noise(ev: Evaluator, eps: float, whitebox: Counts, n_samples: int = CHECK_SAMPLES, tol: float = 0.03) -> dict:
     """Random noise of the same norm must not lower the ADI more than the white-box attacks."""
     sub, n = ev.subset(n_samples)
-    fn = (lambda b, y, e, gen: seg_attacks.random_noise(ev.attacked, b.x, y, e, norm=ev.settings.norm, generator=gen,
+    fn = (lambda b, y, e, gen: baselines.random_noise(ev.attacked, b.x, y, e, norm=ev.settings.norm, generator=gen,
                                                        region=b.mask))
     noise = ev.run("noise", eps, batches=sub, custom=fn)
     a, b = _adi(ev, whitebox.head(n)), _adi(ev, noise.counts)
@@ -132,7 +132,7 @@ def check_gradient_free(ev: Evaluator, eps: float, whitebox: Counts, queries: in
     sub, n = ev.subset(n_samples)
 
     def fn(b, y, e, gen):  # maximises minus the per-sample Dice (padding and the ignore label left out)
-        return seg_attacks.random_search(ev.attacked, b.x, y, e, norm=ev.settings.norm, queries=queries,
+        return baselines.random_search(ev.attacked, b.x, y, e, norm=ev.settings.norm, queries=queries,
                                          score=lambda out, yy: -ev.dice(out, yy), generator=gen, region=b.mask)
 
     found = ev.run("random_search", eps, batches=sub, custom=fn)

@@ -7,10 +7,6 @@ in :mod:`nnunet_ima.ui`.
 * :func:`to_plain` - numpy scalars/arrays to Python numbers/lists (checkpoints that load with
   ``torch.load(weights_only=True)``); ``for_json=True`` also turns tensors and tuples into lists and
   dict keys into strings.
-* ``OneLineParser``: a re-export of :class:`nnunet_ima.ui.OneLineParser` for the two command lines
-  that still import it from here (eval/cli.py, nnunet_ima/demo/cli.py); part B of issue 21 moves them
-  to ``nnunet_ima.ui`` and removes it (the only upward import of the kernel, listed as transitional in
-  tests/test_layers.py).
 """
 from __future__ import annotations
 
@@ -71,12 +67,3 @@ def to_plain(obj, *, for_json: bool = False):
     if for_json and isinstance(obj, torch.Tensor):
         return obj.tolist()
     return obj
-
-
-def __getattr__(name: str):
-    """``OneLineParser``: transitional re-export (see the module docstring), imported on first use."""
-    if name == "OneLineParser":
-        from .ui.args import OneLineParser
-
-        return OneLineParser
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

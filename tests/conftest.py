@@ -39,7 +39,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def nnunet_tiny(tmp_path_factory) -> NnunetTiny:
     from data_gen import synthetic_shapes
-    from nnunet_ima.demo.nnunet_data import nnunet_env, plan_and_preprocess, write_raw_dataset
+    from nnunet_ima_demo.nnunet_data import nnunet_env, plan_and_preprocess, write_raw_dataset
 
     root = tmp_path_factory.mktemp("nnunet")
     env = nnunet_env(root)
@@ -76,7 +76,7 @@ def tiny_trained_2d(nnunet_tiny) -> NnunetTiny:
     nnUNet_extTrainer."""
     import subprocess
 
-    from nnunet_ima.demo.nnunet_data import nnunet_command
+    from nnunet_ima_demo.nnunet_data import nnunet_command
 
     env = dict(nnunet_tiny.env, nnUNet_extTrainer=str(EVAL_EXT_TRAINERS))
     cmd = nnunet_command("nnUNetv2_train") + [str(TINY_ID), "2d", "0", "-tr", EVAL_TRAINER, "-device", "cpu"]

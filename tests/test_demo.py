@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_ima.demo import TRAINERS
-from nnunet_ima.demo.cli import main
-from nnunet_ima.demo.nnunet_data import nnunet_command
+from nnunet_ima_demo import TRAINERS
+from nnunet_ima_demo.cli import main
+from nnunet_ima_demo.nnunet_data import nnunet_command
 
 EPS = [0.0, 1.0, 8.0]
 
@@ -20,7 +20,7 @@ def test_demo_reduced_fills_the_table(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("nnUNet_", "NNUNET_IMA_"))}
     env["nnUNet_n_proc_DA"] = "0"
     cmd = nnunet_command("nnunet-ima") + [
-        "demo", "--workdir", str(tmp_path / "work"), "--resolution", "6", "--slab", "2", "--epochs-std", "2",
+        "demo", "--output", str(tmp_path / "work"), "--resolution", "6", "--slab", "2", "--epochs-std", "2",
         "--epochs-adv", "1", "--iters", "2", "--val-iters", "1", "--k", "2", "--n", "2",
         "--eps", *map(str, EPS), "--pgd-steps", "3", "--ifgsm-steps", "3", "--features", "4", "8", "16",
         "--batch-size", "4"]
@@ -59,7 +59,7 @@ N = 10  # test slices of the crafted tables
 def test_paired_bootstrap_against_a_hand_computation():
     """Differences d_i = a_i - b_i over 10 pairs; a bootstrap draw's mean is fixed by how many times each
     value is drawn, so its quantiles follow from the binomial distribution by hand."""
-    from nnunet_ima.demo.verdict import UNCLEAR, paired_bootstrap
+    from nnunet_ima_demo.verdict import UNCLEAR, paired_bootstrap
 
     # d = 0 on nine slices, 0.1 on one: a draw's mean is 0.1 k / 10, k ~ Bin(10, 0.1): P(k = 0) = 0.35 > 0.025,
     # P(k <= 2) = 0.930 < 0.975 <= P(k <= 3) = 0.987, so the interval is [0, 0.03]
@@ -91,7 +91,7 @@ def _verdict(monkeypatch, capsys, per_seed: dict, note=None):
 
     from nnunet_ima_eval import report
 
-    v = importlib.import_module("nnunet_ima.demo.verdict")  # the package's `verdict` is the function
+    v = importlib.import_module("nnunet_ima_demo.verdict")  # the package's `verdict` is the function
 
     monkeypatch.setattr(report, "read_sample_dice", lambda out: per_seed[str(out)])
     judgements = v.verdict({s: s for s in per_seed}, [0.0, 2.0, 5.0, 10.0], note=note)
@@ -119,7 +119,7 @@ def test_verdict_gives_every_difference_with_its_interval_and_says_not_distingui
     (0.85, [0.49] * 10, False, False, "IMA is not above STD under PGD at eps 5 (-1.0 points"),
 ])
 def test_verdict_judges_with_the_one_point_tolerance(monkeypatch, capsys, ima_clean, ima_5, shown, holds, says):
-    from nnunet_ima.demo.verdict import CLEAN_TOLERANCE, middle_eps
+    from nnunet_ima_demo.verdict import CLEAN_TOLERANCE, middle_eps
 
     assert CLEAN_TOLERANCE == 0.01 and middle_eps([0, 2, 5, 10]) == [5] and middle_eps([0, 1, 8]) == [8]
     (j,), out = _verdict(monkeypatch, capsys, {"0": _samples(ima_clean, [0.4] * 10, ima_5)})
@@ -142,9 +142,9 @@ BAD_ARGS = [  # (arguments, the flag and value the one line must name)
     (["--n", "-3"], "--n: got -3"),
     (["--ifgsm-steps", "0"], "--ifgsm-steps: got 0"),
     (["--epochs-adv", "0"], "--epochs-adv: got 0"),
-    (["--eps", "-1"], "--eps: got -1"),
+    (["--eps", "-1"], "--eps: expected noise levels that are finite and >= 0, got -1"),
     (["--eps", "0"], "--eps: got 0"),
-    (["--eps", "2", "nan"], "--eps: got 2 nan"),
+    (["--eps", "2", "nan"], "--eps: expected noise levels that are finite and >= 0, got nan"),
     (["--delta", "50", "--eps-max", "10"], "--delta: got 50"),
     (["--eps-max", "0"], "--eps-max: got 0"),
     (["--sat-eps", "-5"], "--sat-eps: got -5"),
@@ -153,7 +153,8 @@ BAD_ARGS = [  # (arguments, the flag and value the one line must name)
     (["--features", "8"], "--features: got 8"),
     (["--dataset-id", "1000"], "--dataset-id: got 1000"),
     (["--device", "cuda"], "--device: got cuda"),
-    (["--device", "gpu"], "--device: invalid choice: 'gpu'"),
+    (["--device", "gpu"], "--device: got gpu; expected cpu, cuda or cuda:N"),
+    (["--device", "cuda:1"], "--device: got cuda:1"),
     (["--k", "five"], "--k: invalid int value: 'five'"),
 ]
 
@@ -167,7 +168,7 @@ def test_bad_demo_arguments_fail_in_one_line_before_anything_is_built(tmp_path, 
         monkeypatch.delenv(var, raising=False)
     work = tmp_path / "work"
     try:
-        rc = main(["demo", "--workdir", str(work), *bad])
+        rc = main(["demo", "--output", str(work), *bad])
     except SystemExit as e:  # argparse's own type/choice errors
         rc = e.code
     err = capsys.readouterr().err
@@ -181,15 +182,15 @@ def test_demo_refuses_paths_it_cannot_use(tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert main(["demo", "--workdir", str(blocker)]) == 2
-    assert f"argument --workdir: got {blocker}; expected a folder, not a file" in capsys.readouterr().err
+    assert main(["demo", "--output", str(blocker)]) == 2
+    assert f"argument --output: got {blocker}; expected a folder, not a file" in capsys.readouterr().err
     monkeypatch.setenv("nnUNet_results", str(blocker))
-    assert main(["demo", "--workdir", str(tmp_path / "w")]) == 2
+    assert main(["demo", "--output", str(tmp_path / "w")]) == 2
     assert "environment variable nnUNet_results: got" in capsys.readouterr().err
     monkeypatch.delenv("nnUNet_results")
     other = tmp_path / "w" / "nnUNet_raw" / "Dataset990_SomethingElse"
     other.mkdir(parents=True)  # nnU-Net would later refuse two datasets with id 990
-    assert main(["demo", "--workdir", str(tmp_path / "w")]) == 2
+    assert main(["demo", "--output", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert "argument --dataset-id: got 990" in err and "Dataset990_SomethingElse" in err
     assert not (tmp_path / "w" / "nnUNet_preprocessed").exists()
@@ -197,7 +198,7 @@ def test_demo_refuses_paths_it_cannot_use(tmp_path, capsys, monkeypatch):
 
 def test_console_script_bad_argument_is_one_line_without_traceback(tmp_path):
     """The installed ``nnunet-ima`` (not only main()): exit code 2, one stderr line, no traceback."""
-    run = subprocess.run(nnunet_command("nnunet-ima") + ["demo", "--workdir", str(tmp_path / "w"), "--k", "0"],
+    run = subprocess.run(nnunet_command("nnunet-ima") + ["demo", "--output", str(tmp_path / "w"), "--k", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr == "nnunet-ima demo: error: argument --k: got 0; expected an integer >= 1\n"

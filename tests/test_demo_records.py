@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnunet_ima.demo import records, runner
-from nnunet_ima.demo.checks import DemoArgumentError
-from nnunet_ima.demo.runner import add_arguments, build_dataset, checkpoint_path, train_models
+from nnunet_ima_demo import records, runner
+from nnunet_ima_demo.checks import DemoArgumentError
+from nnunet_ima_demo.runner import add_arguments, build_dataset, checkpoint_path, train_models
 
 STD, SAT, IMA = "nnUNetTrainerSTD", "nnUNetTrainerSAT", "nnUNetTrainerIMA"
 
@@ -20,7 +20,7 @@ STD, SAT, IMA = "nnUNetTrainerSTD", "nnUNetTrainerSAT", "nnUNetTrainerIMA"
 def _args(tmp_path, *extra):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return p.parse_args(["--workdir", str(tmp_path), *extra])
+    return p.parse_args(["--output", str(tmp_path), "--device", "cpu", *extra])
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_a_model_without_a_record_or_with_overwrite_is_retrained(world, tmp_path
 
 
 def _fake_cases(monkeypatch, calls):
-    import nnunet_ima.demo.mni as mni
+    import nnunet_ima_demo.mni as mni
 
     def cases(resolution, slab=4):
         calls.append((resolution, slab))

@@ -69,7 +69,7 @@ def e2e(env, tmp_path_factory):
     out = tmp_path_factory.mktemp("attack")
     args = common(env, out) + ["-i", str(env.raw / "imagesTs"), "-l", str(env.raw / "labelsTs"),
                                "--eps", "0", str(LARGE_EPS), "--attacks", "pgd", "ifgsm", "worst", "--pgd-steps", "5",
-                               "--steps-ifgsm", "3", "--save-examples", "1"]
+                               "--ifgsm-steps", "3", "--save-examples", "1"]
     rc, stdout, stderr = attack(args)
     assert rc == 0, stderr
     return out, args, stdout, json.loads((out / "results.json").read_text())
@@ -155,7 +155,7 @@ def test_rerun_skips_finished_rows(e2e, monkeypatch):
 
 def test_fold_validation_cases_default(env, tmp_path):
     """Without -i/-l the fold's validation cases (splits_final.json) from nnUNet_preprocessed are used."""
-    rc, stdout, stderr = attack(common(env, tmp_path) + ["--eps", "1", "--attacks", "ifgsm", "--steps-ifgsm", "1",
+    rc, stdout, stderr = attack(common(env, tmp_path) + ["--eps", "1", "--attacks", "ifgsm", "--ifgsm-steps", "1",
                                                          "--max-samples", "4", "--no-sanity"])
     assert rc == 0, stderr
     results = json.loads((tmp_path / "results.json").read_text())
@@ -199,11 +199,11 @@ def _label_7(env, tmp_path):
     ({"-tr": "nnUNetTrainerNope"}, "unknown trainer 'nnUNetTrainerNope'"),
     ({"-f": "3"}, "unknown fold '3'"),
     ({"-chk": "checkpoint_nope.pth"}, "missing checkpoint"),
-    ({"--eps": "-1"}, "--eps must be finite and >= 0"),
+    ({"--eps": "-1"}, "--eps: expected noise levels that are finite and >= 0, got -1"),
     ("labels", "label shape (8, 32, 30) does not match image shape (8, 32, 32)"),
 ])
 def test_bad_input_gives_one_clear_message(env, tmp_path, change, message):
-    args = common(env, tmp_path / "out") + ["--eps", "1", "--attacks", "ifgsm", "--steps-ifgsm", "1", "--no-sanity"]
+    args = common(env, tmp_path / "out") + ["--eps", "1", "--attacks", "ifgsm", "--ifgsm-steps", "1", "--no-sanity"]
     if change == "labels":
         args += _mismatched_labels(env, tmp_path)
     elif change == "label_7":
@@ -317,8 +317,9 @@ def test_strong_suite_runs_and_keeps_what_it_finds(env, tmp_path):
     import torch
 
     out = tmp_path / "strong"
-    rc, stdout, stderr = attack(common(env, out) + ["--eps", "2", "--suite", "strong", "--pgd-steps", "2", "--steps", "2",
-                                                    "--apgd-steps", "3", "--max-samples", "4", "--no-sanity"])
+    rc, stdout, stderr = attack(common(env, out) + ["--eps", "2", "--suite", "strong", "--pgd-steps", "2",
+                                                    "--segpgd-steps", "2", "--cospgd-steps", "2", "--apgd-steps", "3",
+                                                    "--max-samples", "4", "--no-sanity"])
     assert rc == 0, stderr
     results = json.loads((out / "results.json").read_text())
     got = {r["attack"]: r for r in results["rows"] if r["class"] == "mean" and r["eps"] == 2.0}

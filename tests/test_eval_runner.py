@@ -163,7 +163,7 @@ def test_3d_tiles_per_case_dice_is_the_stitched_volume_dice():
     lab[2:4, 7:11, 6:10] = 2
     img = (lab + rng.normal(scale=0.7, size=lab.shape)).astype(np.float32)[None]
     model = stub_model(TinyNet3d(), patch=(4, 8, 8), pool=(2, 4, 4))
-    ev = Evaluator(model, [Case("v", img, lab)], AttackSettings(batch_size=5, ifgsm_steps=2, steps_other=2, apgd_steps=2),
+    ev = Evaluator(model, [Case("v", img, lab)], AttackSettings(batch_size=5, ifgsm_steps=2, segpgd_steps=2, cospgd_steps=2, apgd_steps=2),
                    progress=False)
     assert len(ev.refs) == 2 * 3 * 3
     # the kernel's segmentation attacks run on 3d patch tiles through the same path (issue 14)
@@ -259,7 +259,7 @@ def test_ignore_label_dataset_runs_every_strong_attack_and_not_scored_pixels_hav
 
     cases = ignore_label_cases()
     model = SimpleNamespace(**{**vars(stub_model(TinyNet())), "label_manager": SimpleNamespace(ignore_label=3)})
-    settings = AttackSettings(batch_size=4, pgd_steps=3, steps_other=3, apgd_steps=3, iterate="best")
+    settings = AttackSettings(batch_size=4, pgd_steps=3, segpgd_steps=3, cospgd_steps=3, apgd_steps=3, iterate="best")
     ev = Evaluator(model, cases, settings, progress=False)
     b = ev.batches[0]
     not_scored = (~valid_pixels(ev.labels(b))).to(b.x.dtype)
@@ -325,7 +325,7 @@ def test_budget_check_passes_the_attacks_and_names_the_defects_it_catches():
     lab[:, 5:20, 6:22] = 1
     img = (lab * 1.5 + rng.normal(scale=0.5, size=lab.shape)).astype(np.float32)[None]
     ev = Evaluator(stub_model(TinyNet()), [Case("c", img, lab)],
-                   AttackSettings(batch_size=4, pgd_steps=2, steps_other=2, apgd_steps=2, ifgsm_steps=2), progress=False)
+                   AttackSettings(batch_size=4, pgd_steps=2, segpgd_steps=2, cospgd_steps=2, apgd_steps=2, ifgsm_steps=2), progress=False)
     for attack in ("pgd", "ifgsm", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js"):
         runs = [ev.run(attack, e) for e in (1.0, 3.0)]
         assert check_budget(ev, runs)["status"] == "ok", attack

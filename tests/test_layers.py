@@ -1,7 +1,7 @@
 """Layers hold for every package, not only for the kernel's files (ARCHITECTURE.md, "Layers").
 
-Every module of the three installed packages (``nnunet_ima``, ``nnunet_ima_trainers``,
-``nnunet_ima_eval`` = eval/) belongs to one unit of :data:`LAYERS` (the longest prefix of its name),
+Every module of the four installed packages (``nnunet_ima``, ``nnunet_ima_trainers``,
+``nnunet_ima_eval`` = eval/, ``nnunet_ima_demo``) belongs to one unit of :data:`LAYERS` (the longest prefix of its name),
 and an import, at the top of a module or inside a function, may only go to its own layer or a lower
 one; units and top-level packages import each other without a circle. The checker is tried on small
 fake package trees with a circle first, so that it is known to fail where it should.
@@ -16,25 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 #: folder of the checkout -> the top-level name it is installed as
-PACKAGES = {"nnunet_ima": "nnunet_ima", "nnunet_ima_trainers": "nnunet_ima_trainers", "eval": "nnunet_ima_eval"}
+PACKAGES = {"nnunet_ima": "nnunet_ima", "nnunet_ima_trainers": "nnunet_ima_trainers", "eval": "nnunet_ima_eval",
+            "nnunet_ima_demo": "nnunet_ima_demo"}
 
 #: unit -> layer. A module belongs to the longest unit its name starts with; an import may go to its
-#: own layer or a lower one. Part B of issue 21 moves the demo out of nnunet_ima: it edits the demo's row.
+#: own layer or a lower one.
 LAYERS = {
     "nnunet_ima": 0,               # the kernel: nnunet_ima's top-level modules (torch, numpy)
     "nnunet_ima.ui": 1,            # what the front ends share with the user: arguments, error line, plots
     "nnunet_ima.classify": 2,      # front ends
     "nnunet_ima_trainers": 2,
     "nnunet_ima_eval": 2,
-    "nnunet_ima.demo": 3,          # the app (part B: its own top-level package)
+    "nnunet_ima_demo": 3,          # the app, its own top-level package
 }
 
-#: upward imports tolerated for now: (module, imported module) -> why, and who removes it
-TRANSITIONAL = {
-    ("nnunet_ima.plumbing", "nnunet_ima.ui.args"):
-        "plumbing.OneLineParser re-exported for eval/cli.py and nnunet_ima/demo/cli.py; part B of issue 21 "
-        "moves them to nnunet_ima.ui and removes it",
-}
+#: upward imports tolerated for now: (module, imported module) -> why, and who removes it. Empty since
+#: part B of issue 21; keep the mechanism for the next transition.
+TRANSITIONAL: dict = {}
+
 
 #: what the kernel must not do itself (issue 21: argument parsing and plotting leave the kernel)
 NOT_IN_THE_KERNEL = ("argparse", "matplotlib")
@@ -193,16 +192,13 @@ def test_the_kernel_neither_parses_arguments_nor_plots():
     assert not {m: v for m, v in offenders.items() if v}
 
 
-def test_the_only_circle_between_top_level_packages_runs_through_the_demo(graph):
-    """Without the demo's imports, nnunet_ima, nnunet_ima_trainers and nnunet_ima_eval import each other
-    downward only: the circle below is the demo's alone."""
-    demo = {(a, b) for a, targets in graph.items() for b in targets if unit_of(a, LAYERS) == "nnunet_ima.demo"}
-    assert find_cycle(collapse(graph, top_level, skip=demo | set(TRANSITIONAL))) is None
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="part B of issue 21 moves nnunet_ima/demo out of nnunet_ima: until then nnunet_ima "
-                          "(its demo) imports nnunet_ima_trainers and nnunet_ima_eval, which import nnunet_ima")
 def test_the_top_level_packages_import_each_other_without_a_circle(graph):
     cycle = find_cycle(collapse(graph, top_level, skip=set(TRANSITIONAL)))
     assert cycle is None, f"packages in a circle: {' -> '.join(cycle)}"
+
+
+def test_the_app_is_the_only_package_above_the_front_ends(graph):
+    """Only the demo imports the trainers and the evaluation together; nothing imports the demo."""
+    tops = collapse(graph, top_level)
+    assert not any("nnunet_ima_demo" in targets for targets in tops.values())
+    assert tops.get("nnunet_ima", set()) == set(), "the kernel package imports no other package"

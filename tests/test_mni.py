@@ -1,7 +1,7 @@
 """The demo's dataset: real anatomy from the MNI152 template, labelled by its tissue maps."""
 import numpy as np
 
-from nnunet_ima.demo.mni import LABELS, mni_slab_cases, tissue_labels
+from nnunet_ima_demo.mni import LABELS, mni_slab_cases, tissue_labels
 
 
 def test_tissue_labels_by_hand():

@@ -12,7 +12,7 @@ def test_every_package_is_installed():
     mapping = dict(line.split(" = ") for line in cfg["options"]["package_dir"].strip().splitlines())
     found = set()
     for top, name in (("nnunet_ima", "nnunet_ima"), ("nnunet_ima_trainers", "nnunet_ima_trainers"),
-                      ("eval", "nnunet_ima_eval")):
+                      ("eval", "nnunet_ima_eval"), ("nnunet_ima_demo", "nnunet_ima_demo")):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top).parts
             found.add(".".join((name, *rel)))
@@ -37,7 +37,7 @@ def _imports(path: Path) -> set[str]:
 def test_the_kernel_imports_nothing_from_the_layers_above_it():
     """Layering (ARCHITECTURE.md): the kernel modules (nnunet_ima/*.py) import neither the trainers,
     the evaluation, the classification app nor the demo; test data does not ship in the package."""
-    above = ("nnunet_ima_trainers", "nnunet_ima_eval", "nnunet_ima.classify", "nnunet_ima.demo")
+    above = ("nnunet_ima_trainers", "nnunet_ima_eval", "nnunet_ima.classify", "nnunet_ima_demo")
     offenders = {}
     for path in sorted((ROOT / "nnunet_ima").glob("*.py")):
         bad = sorted(m for m in _imports(path) if m.startswith(above))

@@ -14,9 +14,12 @@ from nnunet_ima.apgd import SEA_LINF_SCHEDULE, apgd, checkpoints, stage_steps
 from nnunet_ima.attacks import perturb_iterative, pgd
 from nnunet_ima.losses import NOT_SCORED, get_loss, scored_labels, valid_pixels
 from nnunet_ima.predicates import per_sample_dice
-from nnunet_ima.seg_attacks import SEG_ATTACKS, random_noise, random_search
+from nnunet_ima.baselines import random_noise, random_search
+from nnunet_ima_eval.attacks import ATTACKS
 from nnunet_ima.seg_losses import (SEG_LOSSES, balanced_masked_cross_entropy, class_balance_weights, cospgd_loss,
                                    cospgd_weights, js_divergence, masked_cross_entropy, segpgd_loss)
+
+SEG_ATTACKS = {name: attack.run for name, attack in ATTACKS.items()}  # the evaluation's registry, by name
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 ORD = {"l2": 2, "linf": float("inf")}
@@ -342,7 +345,7 @@ def test_sea_apgd_returns_the_lowest_dice_iterate_and_beats_pgd(seg_model, norm,
     apgd-js 0.550, PGD 0.647; Linf eps 0.15: 0.671 / 0.649 / 0.655, PGD 0.699."""
     x, y = shapes(8, seed=1)
     dice = dice_of(seg_model, y)
-    seg_attacks_mod = __import__("importlib").import_module("nnunet_ima.seg_attacks")
+    seg_attacks_mod = __import__("importlib").import_module("nnunet_ima_eval.attacks")
     real, iterates = seg_attacks_mod.apgd, []
 
     def recorded(*a, **k):  # the registry's own call, with a callback that records every iterate's Dice

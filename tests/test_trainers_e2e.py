@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nnunet_ima import MarginStore
-from nnunet_ima.demo.nnunet_data import nnunet_command
+from nnunet_ima_demo.nnunet_data import nnunet_command
 from nnunet_ima_trainers import cli
 from nnunet_ima_trainers.adversarial import margin_digest
 

@@ -62,20 +62,23 @@ class SpaceList(argparse.Action):
 
 class DeprecatedAlias(argparse.Action):
     """A hidden old spelling of ``target`` (an option of the same parser): prints one deprecation line
-    naming the new spelling, then does exactly what ``target`` does."""
+    naming the new spelling, then does exactly what ``target`` does. An old spelling that stood for
+    several of today's options (``--steps`` = ``--segpgd-steps`` and ``--cospgd-steps``) has them all in
+    ``targets`` (:func:`~nnunet_ima.ui.vocabulary.add_option` appends them) and sets each."""
 
     def __init__(self, option_strings, dest, target: argparse.Action = None, **_):
         super().__init__(option_strings, target.dest, nargs=target.nargs, const=target.const, type=target.type,
                          choices=target.choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                          metavar=target.metavar)
-        self.target, self.said = target, False
+        self.targets, self.said = [target], False
 
     def __call__(self, parser, namespace, values, option_string=None):
-        new = self.target.option_strings[-1]
+        news = [t.option_strings[-1] for t in self.targets]
         if not self.said:
-            warn(parser.prog, f"{option_string} is deprecated; use {new}")
+            warn(parser.prog, f"{option_string} is deprecated; use {' and '.join(news)}")
             self.said = True
-        self.target(parser, namespace, values, new)
+        for target, new in zip(self.targets, news):
+            target(parser, namespace, values, new)
 
 
 def default_device() -> str:

@@ -30,8 +30,9 @@ class Term:
 
 _INT, _FLOAT, _SWITCH = {"type": int}, {"type": float}, {"action": "store_true"}
 
-#: argparse dest -> Term. Commands: "classify" (python -m nnunet_ima.classify run/train/eval); part B of
-#: issue 21 adds the old spellings of "attack" (nnunet-ima-attack) and "demo" (nnunet-ima demo).
+#: argparse dest -> Term. Commands (keys of ``old``): "classify" (python -m nnunet_ima.classify run/train/eval),
+#: "attack" (nnunet-ima-attack), "demo" (nnunet-ima demo). An old spelling listed under several terms of one
+#: command (the attack command's ``--steps``) sets all of them.
 VOCABULARY: dict[str, Term] = {
     "k": Term("K, PGD steps of BPGD, SAT and the other training attacks", ("--k",), _INT,
               {"classify": ("--steps",)}),
@@ -43,9 +44,14 @@ VOCABULARY: dict[str, Term] = {
                 {"action": SpaceList, "item": eps_value, "metavar": "E"}),
     "attacks": Term("attacks to evaluate", ("--attacks",), {"action": SpaceList, "metavar": "NAME"}),
     "methods": Term("methods to compare", ("--methods",), {"action": SpaceList, "metavar": "METHOD"}),
-    "pgd_steps": Term("PGD steps of the evaluation", ("--pgd-steps",), _INT, {"classify": ("--steps-pgd",)}),
-    "ifgsm_steps": Term("IFGSM steps of the evaluation", ("--ifgsm-steps",), _INT),
-    "output": Term("output folder", ("-o", "--output"), {"metavar": "DIR"}, {"classify": ("--out",)}),
+    "pgd_steps": Term("PGD steps of the evaluation", ("--pgd-steps",), _INT,
+                      {"classify": ("--steps-pgd",), "attack": ("--steps-pgd",)}),
+    "ifgsm_steps": Term("IFGSM steps of the evaluation", ("--ifgsm-steps",), _INT, {"attack": ("--steps-ifgsm",)}),
+    "segpgd_steps": Term("SegPGD steps of the evaluation", ("--segpgd-steps",), _INT, {"attack": ("--steps",)}),
+    "cospgd_steps": Term("CosPGD steps of the evaluation", ("--cospgd-steps",), _INT, {"attack": ("--steps",)}),
+    "apgd_steps": Term("APGD steps of the evaluation (every apgd attack)", ("--apgd-steps",), _INT),
+    "output": Term("output folder", ("-o", "--output"), {"metavar": "DIR"},
+                   {"classify": ("--out",), "demo": ("--workdir",)}),
     "quiet": Term("no progress bars", ("--quiet",), _SWITCH, {"classify": ("--no-progress",)}),
     "device": Term("device: cpu, cuda or cuda:N (default: cuda if available, else cpu)", ("--device",)),
     "seed": Term("seed", ("--seed",), _INT),
@@ -67,5 +73,9 @@ def add_option(container, command: str, dest: str, **kwargs):
     term = VOCABULARY[dest]
     action = container.add_argument(*term.flags, dest=dest, **{**term.parse, **kwargs})
     for old in term.old.get(command, ()):
-        container.add_argument(old, action=DeprecatedAlias, target=action)
+        alias = container._option_string_actions.get(old)  # the same old spelling of another term: one alias
+        if isinstance(alias, DeprecatedAlias):
+            alias.targets.append(action)
+        else:
+            container.add_argument(old, action=DeprecatedAlias, target=action)
     return action

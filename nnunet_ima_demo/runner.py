@@ -1,16 +1,16 @@
 """``nnunet-ima demo``: the main job on built-in data, from nothing to a robustness table.
 
 1. builds an nnU-Net raw dataset from real anatomy shipped offline (MNI152 T1 + grey/white-matter
-   maps from the ``nilearn`` wheel, see :mod:`nnunet_ima.demo.mni`);
+   maps from the ``nilearn`` wheel, see :mod:`nnunet_ima_demo.mni`);
 2. runs nnU-Net's own ``nnUNetv2_plan_and_preprocess`` (2d);
 3. trains the standard nnU-Net model (``nnUNetTrainerSTD`` = nnUNetTrainer with a configurable
    schedule), then SAT and IMA starting from its weights (the papers' time saver), all through the
    real ``nnUNetv2_train`` machinery (``nnunet-ima-train``);
 4. attacks all three on the held-out test slabs with ``nnunet-ima-attack`` (PGD and IFGSM, L2, and
    the per-sample worst case over both), prints the papers' table and says in words whether it
-   shows the paper's effect (:mod:`nnunet_ima.demo.verdict`).
+   shows the paper's effect (:mod:`nnunet_ima_demo.verdict`).
 
-Every argument, path and the device are checked first (:mod:`nnunet_ima.demo.checks`). The default
+Every argument, path and the device are checked first (:mod:`nnunet_ima_demo.checks`). The default
 schedule is sized for a 2-core CPU: measured 7.2 to 8.8 minutes on an idle 2-core machine and 15.0 on a
 busy one, from a fresh clone (the time follows the CPU's free cores; the attacks are the largest part).
 
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from nnunet_ima.plumbing import atomic_write_text
+from nnunet_ima.ui import DEVICES, add_option
 
 from . import records
 from .checks import DemoArgumentError, check_args
@@ -43,13 +44,14 @@ from .verdict import TRAINERS, say, verdict
 DATASET_ID = 990
 DEMO_PLANS = "nnUNetPlansDemo"
 ATTACKS = ("pgd", "ifgsm", "worst")  # worst: per sample the lowest Dice of the two, no extra attack
+COMMAND = "demo"  # its key in the old spellings of nnunet_ima.ui.VOCABULARY
 PAPER_SCHEDULE = dict(epochs_std=50, epochs_adv=50, iters=50, k=20, n=10)  # section 3.5
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", default="nnunet_ima_work",
-                   help="folder for nnUNet_raw/_preprocessed/_results when those variables are not set "
-                        "(default: ./nnunet_ima_work)")
+    add_option(p, COMMAND, "output", default="nnunet_ima_work",
+               help="working folder: nnUNet_raw/_preprocessed/_results (when those variables are not set), logs "
+                    "and the robustness results (default: ./nnunet_ima_work)")
     p.add_argument("--dataset-id", type=int, default=DATASET_ID, help=f"nnU-Net dataset id (default {DATASET_ID})")
     p.add_argument("--resolution", type=float, default=3.0, help="template resampling in mm (default 3)")
     p.add_argument("--slab", type=int, default=4, help="axial slices per case (default 4)")
@@ -58,34 +60,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="epochs of SAT / IMA training, started from the standard model (default 10)")
     p.add_argument("--iters", type=int, default=12, help="training iterations per epoch (default 12)")
     p.add_argument("--val-iters", type=int, default=2, help="validation iterations per epoch (default 2)")
-    p.add_argument("--k", type=int, default=5,
-                   help="PGD steps in IMA/SAT training (paper: 20; default 5: in the study of benchmarks/README.md "
-                        "IMA's gain at K=5 is within the run-to-run spread of K=10's and K=20's)")
-    p.add_argument("--n", type=int, default=5, help="binary-search steps in IMA (paper: 10; default 5)")
-    p.add_argument("--delta", type=float, default=1.0, help="IMA margin expansion step (default 1.0)")
-    p.add_argument("--eps-max", type=float, default=10.0, help="IMA eps_max / eps_train (default 10)")
-    p.add_argument("--sat-eps", type=float, default=5.0, help="SAT's fixed eps (default 5)")
+    add_option(p, COMMAND, "k", default=5,
+               help="PGD steps in IMA/SAT training (paper: 20; default 5: in the study of benchmarks/README.md "
+                    "IMA's gain at K=5 is within the run-to-run spread of K=10's and K=20's)")
+    add_option(p, COMMAND, "n", default=5, help="binary-search steps in IMA (paper: 10; default 5)")
+    add_option(p, COMMAND, "delta", default=1.0, help="IMA margin expansion step (default 1.0)")
+    add_option(p, COMMAND, "eps_max", default=10.0, help="IMA eps_max / eps_train (default 10)")
+    add_option(p, COMMAND, "sat_eps", default=5.0, help="SAT's fixed eps (default 5)")
     p.add_argument("--initial-lr", type=float, default=None,
                    help="initial learning rate of the SAT / IMA fine-tuning (NNUNET_IMA_INITIAL_LR; default: "
                         "nnU-Net's 0.01, its poly schedule restarted for the trained model)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="NNUNET_IMA_SEED of every training (default 0): a rerun with the same seed on the same "
+    add_option(p, COMMAND, "seed", default=0,
+               help="NNUNET_IMA_SEED of every training (default 0): a rerun with the same seed on the same "
                         "machine and library versions reproduces the table")
     p.add_argument("--repeats", type=int, default=1,
                    help="train SAT and IMA with this many seeds (--seed, --seed+1, ...) from the one standard "
                         "model; the verdict gives mean and range over them and in how many the effect held")
-    p.add_argument("--eps", type=float, nargs="+", default=[0.0, 2.0, 5.0, 10.0],
-                   help="L2 noise levels for the evaluation (default 0 2 5 10)")
-    p.add_argument("--pgd-steps", type=int, default=100, help="PGD steps in the evaluation (paper: 100)")
-    p.add_argument("--ifgsm-steps", type=int, default=10, help="IFGSM steps in the evaluation (paper: 10)")
+    add_option(p, COMMAND, "eps", default=[0.0, 2.0, 5.0, 10.0],
+               help="L2 noise levels for the evaluation (default 0 2 5 10)")
+    add_option(p, COMMAND, "pgd_steps", default=100, help="PGD steps in the evaluation (paper: 100)")
+    add_option(p, COMMAND, "ifgsm_steps", default=10, help="IFGSM steps in the evaluation (paper: 10)")
     p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128],
                    help="feature maps per stage of the demo network (default 8 16 32 64 128)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size of the demo plans (default 8)")
+    add_option(p, COMMAND, "batch_size", default=8, help="batch size of the demo plans (default 8)")
     p.add_argument("--paper", action="store_true",
                    help="nnU-Net's own plans and the paper's schedule (50x50, K=20, N=10): for a GPU")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="rebuild the dataset, retrain and re-evaluate even if results exist (without it, models "
+    add_option(p, COMMAND, "device", default=None,
+               help=f"{DEVICES} for training and attacks (default: cuda if available, else cpu)")
+    add_option(p, COMMAND, "overwrite",
+               help="rebuild the dataset, retrain and re-evaluate even if results exist (without it, models "
                         "whose settings changed are retrained anyway; a dataset built with another --resolution "
                         "or --slab is refused)")
 
@@ -95,7 +98,7 @@ def prepare_folders(workdir: str) -> dict:
     env = dict(os.environ)
     base = Path(workdir).expanduser().resolve()
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        flag = f"${var}" if env.get(var) else "--workdir"
+        flag = f"${var}" if env.get(var) else "--output"
         env[var] = env.get(var) or str(base / var)
         try:
             Path(env[var]).mkdir(parents=True, exist_ok=True)
@@ -135,7 +138,7 @@ def _stream(cmd: list[str], env: dict, log: Path, show=_SHOW) -> None:
 
 def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4, overwrite: bool = False) -> Path:
     """Step 1: the MNI152 slabs as an nnU-Net raw dataset. An existing one is reused when it was built
-    with the same ``resolution`` and ``slab`` (its record, :mod:`~nnunet_ima.demo.records`); built with
+    with the same ``resolution`` and ``slab`` (its record, :mod:`~nnunet_ima_demo.records`); built with
     others it is refused, or with ``overwrite`` removed with its preprocessed data and rebuilt."""
     from .mni import LABELS, mni_slab_cases
 
@@ -154,7 +157,7 @@ def build_dataset(env: dict, dataset_id: int, resolution: float, slab: int = 4, 
             raise DemoArgumentError(flag, wanted[flag[2:]],
                                     f"what the dataset in {folder} was built with (--resolution {old.get('resolution')} "
                                     f"--slab {old.get('slab')}); "
-                                    f"--overwrite rebuilds it (and retrains), or use another --workdir or --dataset-id")
+                                    f"--overwrite rebuilds it (and retrains), or use another --output or --dataset-id")
         say(f"rebuilding the dataset ({records.changes(old, wanted)}); removing it and its preprocessed data")
         shutil.rmtree(folder)
         shutil.rmtree(Path(env["nnUNet_preprocessed"]) / folder.name, ignore_errors=True)
@@ -267,7 +270,7 @@ def training_digest(fold: Path) -> str | None:
 def train_models(args: argparse.Namespace, env: dict, plans: str, sched: dict, logdir: Path) -> None:
     """Step 3: STD (seed --seed), then for each seed SAT and IMA from STD's weights, each through
     ``nnunet-ima-train``. A model is reused only when its record matches what this run asks for;
-    otherwise it is retrained and what changed is printed (:mod:`~nnunet_ima.demo.records`)."""
+    otherwise it is retrained and what changed is printed (:mod:`~nnunet_ima_demo.records`)."""
     pre = Path(env["nnUNet_preprocessed"]) / dataset_folder_name(args.dataset_id, DATASET_NAME)
     inputs = dict(std_ckpt=checkpoint_path(env, args.dataset_id, TRAINERS[0], plans),
                   dataset=records.dataset_settings(args.resolution, args.slab),
@@ -295,8 +298,11 @@ def train_one(args, env: dict, plans: str, sched: dict, trainer: str, seed: int,
             return
         say(f"{name}: retraining, the existing model does not match: {changed}")
     (ckpt.parent / records.RECORD).unlink(missing_ok=True)  # a crash mid-training leaves no stale record
+    device, index = args.device.partition(":")[::2]  # nnU-Net's -device takes cpu or cuda: cuda:N as its only GPU
+    if index:
+        tenv = dict(tenv, CUDA_VISIBLE_DEVICES=index)
     cmd = nnunet_command("nnunet-ima-train") + [
-        str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", args.device]
+        str(args.dataset_id), "2d", "0", "-tr", trainer, "-p", plans, "-device", device]
     say(f"training {name}")
     _stream(cmd, tenv, log)
     digest = training_digest(ckpt.parent)
@@ -332,11 +338,11 @@ def attack_models(args: argparse.Namespace, env: dict, raw: Path, plans: str, lo
 
 
 def run(args: argparse.Namespace) -> int:
-    """The whole demo. Every argument is checked first (:func:`~nnunet_ima.demo.checks.check_args`
-    raises :class:`~nnunet_ima.demo.checks.DemoArgumentError` before anything is created)."""
+    """The whole demo. Every argument is checked first (:func:`~nnunet_ima_demo.checks.check_args`
+    raises :class:`~nnunet_ima_demo.checks.DemoArgumentError` before anything is created)."""
     check_args(args)
     t0 = time.time()
-    env = prepare_folders(args.workdir)
+    env = prepare_folders(args.output)
     logdir = Path(env["nnUNet_results"]).parent / "demo_logs"
     logdir.mkdir(parents=True, exist_ok=True)
     say(f"nnUNet_raw={env['nnUNet_raw']}\n    nnUNet_preprocessed={env['nnUNet_preprocessed']}\n"

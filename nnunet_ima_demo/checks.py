@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+from nnunet_ima.ui import UsageError, resolve_device
+
 from .mni import DATASET_NAME
 
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -17,7 +19,7 @@ TEMPLATE_Z_MM = 189  # axial extent of the MNI152 2009a template in nilearn (197
 MIN_SLABS = 7  # test_every=3 leaves >= 5 training slabs (nnU-Net's 5-fold split) and 2 test slabs
 
 
-class DemoArgumentError(ValueError):
+class DemoArgumentError(UsageError):
     """A bad ``nnunet-ima demo`` argument: names the argument, the value and what is expected."""
 
     def __init__(self, flag: str, value, expected: str):
@@ -37,7 +39,7 @@ def check_args(args, environ=None) -> None:
     environ = os.environ if environ is None else environ
     check_numbers(args)
     check_paths(args, environ)
-    check_device(args.device)
+    args.device = check_device(args.device)
 
 
 def check_numbers(args) -> None:
@@ -87,11 +89,11 @@ def _at_least_one(flag: str, value: int) -> None:
 def check_paths(args, environ) -> None:
     """The working folder and any nnUNet_* folder set in the environment can be created or written,
     and no other dataset holds ``--dataset-id`` there (nnU-Net would refuse the id later)."""
-    base = Path(args.workdir).expanduser().resolve()
-    folders = {var: (Path(environ[var]), f"${var}") if environ.get(var) else (base / var, "--workdir")
+    base = Path(args.output).expanduser().resolve()
+    folders = {var: (Path(environ[var]), f"${var}") if environ.get(var) else (base / var, "--output")
                for var in NNUNET_VARS}
-    if any(flag == "--workdir" for _, flag in folders.values()):
-        _writable_folder(base, "--workdir")
+    if any(flag == "--output" for _, flag in folders.values()):
+        _writable_folder(base, "--output")
     for path, flag in folders.values():
         _writable_folder(path, flag)
     prefix = f"Dataset{args.dataset_id:03d}_"
@@ -115,10 +117,10 @@ def _writable_folder(path: Path, flag: str) -> None:
         raise DemoArgumentError(flag, path, f"a folder that can be created (cannot write to {parent})")
 
 
-def check_device(device: str) -> None:
-    """``cuda`` needs a GPU that PyTorch can see (``cpu`` always works)."""
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DemoArgumentError("--device", device, "cpu on this machine (PyTorch sees no CUDA GPU)")
+def check_device(device: str | None) -> str:
+    """The project's one device rule (:func:`nnunet_ima.ui.resolve_device`: cpu, cuda or cuda:N, the
+    default cuda when PyTorch sees a GPU, else cpu); returns the device to use."""
+    try:
+        return resolve_device(device)
+    except UsageError as e:
+        raise DemoArgumentError("--device", device, str(e).partition(": expected ")[2]) from None

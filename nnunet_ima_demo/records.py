@@ -6,7 +6,7 @@ holds a small JSON record of them (:data:`RECORD`):
 
 * the dataset (``nnUNet_raw/Dataset990_MNIBrain``): ``--resolution`` and ``--slab``. Other values
   would change every image, the preprocessed data and every model, so a changed dataset is refused
-  with the ways out named (``--overwrite`` rebuilds it, or another ``--workdir`` / ``--dataset-id``);
+  with the ways out named (``--overwrite`` rebuilds it, or another ``--output`` / ``--dataset-id``);
 * each model (its ``fold_0`` folder): the dataset's record, the 2d configuration of its plans (the
   network and batch size), the ``NNUNET_IMA_*`` settings that trainer reads (its seed included), and
   for SAT / IMA the SHA-256 of the standard model they start from (a retrained STD retrains them). A

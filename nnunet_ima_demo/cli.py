@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_ima.plumbing import OneLineParser
-
-from .checks import DemoArgumentError
+from nnunet_ima.ui import OneLineParser, UsageError, report_error
 
 USAGE = """
     nnunet-ima demo      # the main job on built-in data (MNI152 anatomy): nnunet-ima demo -h
@@ -41,9 +39,8 @@ def main(argv=None) -> int:
 
     try:
         return run(args)  # checks every argument, path and the device first
-    except DemoArgumentError as e:
-        print(f"nnunet-ima demo: error: {e}", file=sys.stderr)
-        return 2
+    except UsageError as e:
+        return report_error("nnunet-ima demo", e)
 
 
 if __name__ == "__main__":

@@ -1,79 +1,18 @@
-"""Segmentation attacks by name, one signature, for the evaluation CLI (``nnunet-ima-attack --attacks``).
-
-``SEG_ATTACKS[name](model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None, best=False,
-score=None) -> x_adv``: x (B, C, *S) 2d or 3d, y labels (B, *S) / (B, 1, *S) (pixels labelled
-:data:`nnunet_ima.losses.NOT_SCORED` count in no objective and no score), eps a float or (B,) tensor,
-``norm`` "l2"/"linf". ``loss`` (a per-sample callable, e.g. the model's own Dice+CE) is used by "pgd",
-"ifgsm" and "apgd"; None means per-pixel CE. The other attacks have a fixed objective
-(:mod:`nnunet_ima.seg_losses`). ``region`` (broadcastable to x): where the perturbation may go (0 on
-padding). ``best``: the PGD-type attacks return per sample their lowest-``score`` iterate instead of
-the final point (``score`` default: the per-sample Dice); the APGD attacks always do (SEA).
-
-=========  =================================================================================
-pgd        PGD, random start, alpha = 4 eps / K (the IMA papers' protocol)
-ifgsm      PGD from x, alpha = 4 eps / K
-segpgd     PGD with SegPGD's pixel weighting (Gu et al. 2022), same start and step as "pgd"
-cospgd     PGD with CosPGD's cosine weighting (Agnihotri et al. 2024), same start and step as "pgd"
-apgd       APGD (Croce & Hein 2020) on ``loss`` (default CE); its step size follows that loss
-apgd-mce   APGD on masked CE            } the three attacks of SEA, run as SEA runs them: step
-apgd-bmce  APGD on balanced masked CE   } size on the average CE, lowest-Dice iterate returned,
-apgd-js    APGD on JS divergence        } Linf radius 2, 1.5, 1 eps (Croce, Singh & Hein 2024)
-=========  =================================================================================
-
-Sanity-check baselines: :func:`random_noise` (a random point on the ball's boundary) and
-:func:`random_search` (gradient-free, Square-style; Andriushchenko et al. 2020).
+"""Gradient-free baselines of the attack-strength sanity checks (segmentation or classification, 2d or 3d):
+the white-box attacks must beat :func:`random_noise` (a random point on the ball's boundary) and
+:func:`random_search` (Square-style random search; Andriushchenko et al. 2020) must not beat them.
+The evaluation's attack registry (names, step settings) lives with the evaluation:
+``nnunet_ima_eval.attacks.ATTACKS``.
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 
 from ._model import attack_mode
-from .apgd import apgd
-from .attacks import _clip, check_clip, perturb_iterative
+from .attacks import _clip, check_clip
 from .losses import get_loss
 from .norms import Norm, _per_sample, as_region, get_norm
-from .seg_losses import cospgd_loss, segpgd_loss
 from .validation import check_inputs, on_finite_rows
-
-SegAttack = Callable[..., torch.Tensor]
-
-
-def _pgd_on(objective, random_start: bool = True):
-    """A registry entry running PGD (``random_start``) or IFGSM on a fixed objective (None: the caller's
-    ``loss``, else CE)."""
-    def run(model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None, best=False, score=None):
-        return perturb_iterative(model, x, y, eps, norm=norm, steps=steps, random_start=random_start,
-                                 loss=objective or loss or "ce", generator=generator if random_start else None,
-                                 region=region, best=best, score=score)
-
-    return run
-
-
-def _apgd_on(objective: str | None, track: str | None = None):
-    """A registry entry running APGD on a fixed objective (None: the caller's ``loss``, else CE), its
-    step size following ``track`` (None: the objective itself). APGD returns its lowest-score
-    iterate whatever ``best`` says."""
-    def run(model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None, best=True, score=None):
-        return apgd(model, x, y, eps, norm=norm, steps=steps, loss=objective or loss or "ce", track_loss=track,
-                    score=score, generator=generator, region=region)
-
-    run.__name__ = f"apgd_{objective or 'loss'}"
-    return run
-
-
-SEG_ATTACKS: dict[str, SegAttack] = {
-    "pgd": _pgd_on(None),
-    "ifgsm": _pgd_on(None, random_start=False),
-    "segpgd": _pgd_on(segpgd_loss),
-    "cospgd": _pgd_on(cospgd_loss),
-    "apgd": _apgd_on(None),
-    "apgd-mce": _apgd_on("masked_ce", track="ce"),    # SEA (tools/infer.py): track_loss="ce-avg"
-    "apgd-bmce": _apgd_on("balanced_masked_ce", track="ce"),
-    "apgd-js": _apgd_on("js", track="ce"),
-}
-KEEPS_BEST = frozenset(a for a in SEG_ATTACKS if a.startswith("apgd"))  # always return their lowest-score iterate
 
 
 def random_noise(model, x, y, eps, *, norm="l2", generator=None, clip=None, region=None) -> torch.Tensor:
