@@ -105,11 +105,6 @@ class LoadedModel:
         k = np.array(self.configuration_manager.pool_op_kernel_sizes, dtype=np.int64)
         return tuple(int(v) for v in k.prod(0))
 
-    @property
-    def settings_key(self) -> dict:
-        return {"trainer": self.trainer, "plans": self.plans, "configuration": self.configuration,
-                "fold": self.fold, "checkpoint": self.checkpoint}
-
 
 def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> Path:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -192,8 +187,8 @@ class PerSampleLoss(torch.nn.Module):
     without the deep-supervision wrapper (the network runs without deep supervision at inference),
     computed for each sample as if it were a batch of its own: a sample's attack never depends on the
     other samples of its batch (with one sample the plans' ``batch_dice`` makes no difference). It is
-    vectorised over the batch; :meth:`reference` is the literal loop over nnU-Net's own
-    ``DC_and_CE_loss`` and the tests check that both agree. ``ce`` is per-pixel cross-entropy
+    vectorised over the batch; tests/test_eval_runner.py checks it against the literal loop over
+    nnU-Net's own ``DC_and_CE_loss``. ``ce`` is per-pixel cross-entropy
     averaged per sample.
 
     Pixels that do not count (the kernel's one rule, :func:`nnunet_ima.losses.valid_pixels`: labelled
@@ -227,29 +222,6 @@ class PerSampleLoss(torch.nn.Module):
         intersect = (p * onehot).sum(axes)
         dc = (2 * intersect + self.smooth) / (onehot.sum(axes) + p.sum(axes) + self.smooth).clamp_min(1e-8)
         return ce - dc.mean(1)
-
-    def reference(self, output, y, pad: torch.Tensor | None = None):
-        """The literal definition: nnU-Net's DC_and_CE_loss on each sample's real region (``pad`` (B, *S)
-        True on padding, cut away), one sample at a time, with the raw labels (``ignore_label`` as is)."""
-        from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-        from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-        loss = DC_and_CE_loss({"batch_dice": self.batch_dice, "smooth": self.smooth, "do_bg": False, "ddp": False}, {},
-                              weight_ce=1, weight_dice=1, ignore_label=self.ignore_label,
-                              dice_class=MemoryEfficientSoftDiceLoss)
-        out = []
-        for i in range(output.shape[0]):
-            m = torch.ones_like(y[i, 0], dtype=torch.bool) if pad is None else ~pad[i]
-            crop = tuple(slice(0, int(v.max()) + 1) for v in torch.nonzero(m, as_tuple=True))
-            o, t = output[(slice(i, i + 1), slice(None)) + crop], y[(slice(i, i + 1), slice(None)) + crop]
-            if self.kind == "ce":
-                t0 = t[:, 0].long()
-                keep = torch.ones_like(t0, dtype=torch.bool) if self.ignore_label is None else t0 != self.ignore_label
-                ce = torch.nn.functional.cross_entropy(o, torch.where(keep, t0, 0), reduction="none")
-                out.append((ce * keep).sum() / keep.sum().clamp_min(1))
-            else:
-                out.append(loss(o, t))
-        return torch.stack(out)
 
 
 def attack_loss(model: LoadedModel, kind: str = "dicece") -> PerSampleLoss:

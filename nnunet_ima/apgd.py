@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 
 from ._model import attack_mode
-from .attacks import BestIterate, _clip, check_clip, check_delta_init, default_score, evaluate_score, start_point
+from .attacks import BestIterate, clip_to, check_clip, check_delta_init, default_score, evaluate_score, start_point
 from .losses import evaluate_loss, get_loss
-from .norms import Norm, _per_sample, as_region, get_norm, restrict
+from .norms import Norm, per_sample_view, as_region, get_norm, restrict
 from .validation import check_inputs, on_finite_rows
 
 RHO = 0.75       # condition 1: fraction of successful steps below which eta halves
@@ -139,7 +139,7 @@ class _Problem:
         return obj.detach(), g, track.detach(), evaluate_score(self.score, out, self.y, b)
 
     def project(self, z: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return _clip(self.x + self.norm.project(z - self.x, eps), self.clip)
+        return clip_to(self.x + self.norm.project(z - self.x, eps), self.clip)
 
 
 class _Run:
@@ -162,7 +162,7 @@ class _Run:
         """x_{k+1} from x_k, x_{k-1} and g_k (momentum, then projection)."""
         p = self.problem
         with torch.no_grad():
-            z = p.project(self.cur + _per_sample(self.eta, self.cur) * p.norm.direction(self.g), self.eps)
+            z = p.project(self.cur + per_sample_view(self.eta, self.cur) * p.norm.direction(self.g), self.eps)
             if first:
                 return z
             a = MOMENTUM
@@ -187,8 +187,8 @@ class _Run:
         cond2 = ~self.halved_at_check & (self.best_loss <= self.best_at_check)
         halve = cond1 | cond2
         self.eta = torch.where(halve, self.eta / 2, self.eta)
-        self.cur = torch.where(_per_sample(halve, self.cur).bool(), self.best_x, self.cur)
-        self.g = torch.where(_per_sample(halve, self.g).bool(), self.best_g, self.g)
+        self.cur = torch.where(per_sample_view(halve, self.cur).bool(), self.best_x, self.cur)
+        self.g = torch.where(per_sample_view(halve, self.g).bool(), self.best_g, self.g)
         self.loss = torch.where(halve, self.best_loss, self.loss)  # the next step is compared with f(x_max)
         self.halved_at_check, self.best_at_check = halve, self.best_loss.clone()
         self.ups.zero_()

@@ -18,7 +18,7 @@ import torch
 
 from ._model import attack_mode
 from .losses import LossFn, evaluate_loss, first, get_loss
-from .norms import Norm, _per_sample, as_region, get_norm, restrict
+from .norms import Norm, per_sample_view, as_region, get_norm, restrict
 from .predicates import argmax_correct, per_sample_dice
 from .validation import check_inputs, on_finite_rows
 
@@ -40,7 +40,8 @@ def resolve_step_size(step_size, eps: torch.Tensor, steps: int) -> torch.Tensor:
     return s
 
 
-def _clip(x: torch.Tensor, clip):
+def clip_to(x: torch.Tensor, clip):
+    """``x`` clamped in place to ``clip`` = (lo, hi), or unchanged when ``clip`` is None (z-scored inputs)."""
     return x if clip is None else x.clamp_(clip[0], clip[1])
 
 
@@ -72,9 +73,9 @@ def start_point(x: torch.Tensor, eps: torch.Tensor, norm: Norm, *, delta_init=No
     0 outside ``region`` (a float mask of x's shape, :func:`nnunet_ima.norms.as_region`; None: everywhere),
     and the random draw spends the whole budget inside it."""
     if delta_init is not None:
-        return _clip(x + norm.project(restrict(delta_init, region), eps), clip)
+        return clip_to(x + norm.project(restrict(delta_init, region), eps), clip)
     if random_start:
-        return _clip(x + norm.project(norm.random(x, eps, generator, region), eps), clip)
+        return clip_to(x + norm.project(norm.random(x, eps, generator, region), eps), clip)
     return x.clone()
 
 
@@ -133,8 +134,8 @@ def gradient(model, x_adv: torch.Tensor, y, loss_fn: LossFn, progress: float = 0
 def step(x: torch.Tensor, x_adv: torch.Tensor, g: torch.Tensor, eps, alpha, norm: Norm, clip) -> torch.Tensor:
     """x_adv <- Pi_eps(x_adv + alpha * h(g)) around x, then the optional value clip."""
     with torch.no_grad():
-        moved = x_adv.detach() + _per_sample(alpha, x) * norm.direction(g)
-        return _clip(x + norm.project(moved - x, eps), clip)
+        moved = x_adv.detach() + per_sample_view(alpha, x) * norm.direction(g)
+        return clip_to(x + norm.project(moved - x, eps), clip)
 
 
 def perturb_iterative(model, x, y, eps, *, norm: str | Norm = "l2", steps: int = 10, step_size=None,

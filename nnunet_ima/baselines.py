@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from ._model import attack_mode
-from .attacks import _clip, check_clip
+from .attacks import clip_to, check_clip
 from .losses import get_loss
-from .norms import Norm, _per_sample, as_region, get_norm
+from .norms import Norm, per_sample_view, as_region, get_norm
 from .validation import check_inputs, on_finite_rows
 
 
@@ -24,7 +24,7 @@ def random_noise(model, x, y, eps, *, norm="l2", generator=None, clip=None, regi
     eps_t, valid = check_inputs(x, y, eps)
     region = as_region(region, x)
 
-    return on_finite_rows(lambda xs, es, rg: _clip(xs.detach() + nrm.boundary(xs, es, generator, rg), clip),
+    return on_finite_rows(lambda xs, es, rg: clip_to(xs.detach() + nrm.boundary(xs, es, generator, rg), clip),
                           x, valid, eps_t, region)
 
 
@@ -65,7 +65,7 @@ def _resample_linf(delta, mask, eps, generator):
     """Square (Linf): the window gets +-eps, one random sign per sample and channel."""
     u = torch.rand(delta.shape[:2], generator=generator, device=_gen_device(generator, delta)).to(delta.device)
     signs = torch.where(u < 0.5, -1.0, 1.0).to(delta.dtype).view(*delta.shape[:2], *([1] * (delta.dim() - 2)))
-    return torch.where(mask, signs * _per_sample(eps, delta), delta)
+    return torch.where(mask, signs * per_sample_view(eps, delta), delta)
 
 
 def _resample_l2(delta, mask, eps, generator):
@@ -74,7 +74,7 @@ def _resample_l2(delta, mask, eps, generator):
     old = (delta * m).flatten(1).norm(dim=1)
     g = torch.randn(delta.shape, generator=generator, device=_gen_device(generator, delta))
     g = g.to(delta.device, delta.dtype) * m
-    new = g / (g.flatten(1).norm(dim=1) + 1e-12).view(-1, *([1] * (delta.dim() - 1))) * _per_sample(old, delta)
+    new = g / (g.flatten(1).norm(dim=1) + 1e-12).view(-1, *([1] * (delta.dim() - 1))) * per_sample_view(old, delta)
     return delta * (1 - m) + new
 
 
@@ -103,7 +103,7 @@ def random_search(model, x, y, eps, *, norm="l2", queries: int = 1000, score=Non
 
 def _search(model, x, y, eps, *, norm: Norm, queries, score_fn, generator, p_init, clip, region):
     def evaluate(delta):
-        s = score_fn(model(_clip(x + delta, clip)), y)
+        s = score_fn(model(clip_to(x + delta, clip)), y)
         if s.shape != (x.shape[0],):
             raise ValueError(f"score: expected per-sample scores of shape ({x.shape[0]},), got {tuple(s.shape)}")
         return s
@@ -117,6 +117,6 @@ def _search(model, x, y, eps, *, norm: Norm, queries, score_fn, generator, p_ini
         cand = norm.project(_RESAMPLE[norm.name](delta, mask, eps, generator), eps)
         s = evaluate(cand)
         better = s > best
-        delta = torch.where(_per_sample(better, delta).bool(), cand, delta)
+        delta = torch.where(per_sample_view(better, delta).bool(), cand, delta)
         best = torch.where(better, s, best)
-    return _clip(x + delta, clip)
+    return clip_to(x + delta, clip)

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ._model import attack_mode
-from .attacks import _clip, check_clip, gradient, resolve_step_size, step
+from .attacks import clip_to, check_clip, gradient, resolve_step_size, step
 from .losses import LossFn, get_loss
 from .norms import Norm, get_norm
 from .predicates import argmax_correct
@@ -91,7 +91,7 @@ def bpgd(model, x, y, eps, *, norm: str | Norm = "l2", steps: int = 20, search_s
 def _start(x, eps, norm, random_start, clip, generator):
     if not random_start:
         return x.clone()
-    return _clip(x + norm.project(norm.random(x, eps, generator), eps), clip)
+    return clip_to(x + norm.project(norm.random(x, eps, generator), eps), clip)
 
 
 def _boundary(model, x, y, eps, alpha, idx, norm, loss_fn, is_correct, steps, clip, random_start, generator):

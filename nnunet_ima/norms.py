@@ -23,7 +23,7 @@ import torch
 _TINY = 1e-12
 
 
-def _per_sample(eps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_sample_view(eps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a (B,) tensor so that it broadcasts against a (B, ...) tensor."""
     return eps.to(dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
@@ -80,12 +80,12 @@ class L2(Norm):
         return d.flatten(1).norm(p=2, dim=1)
 
     def direction(self, g):
-        return g / (_per_sample(self.measure(g), g) + _TINY)
+        return g / (per_sample_view(self.measure(g), g) + _TINY)
 
     def project(self, d, eps):
         n = self.measure(d)
         factor = torch.clamp(eps.to(n.dtype) / (n + _TINY), max=1.0)
-        return d * _per_sample(factor, d)
+        return d * per_sample_view(factor, d)
 
     def random(self, x, eps, generator=None, region=None):
         # uniform in the ball (of the region's subspace): Gaussian direction, radius eps * u^(1/dim)
@@ -94,12 +94,12 @@ class L2(Norm):
         power = 1.0 / x[0].numel() if region is None else 1.0 / region.flatten(1).sum(1).clamp(min=1)
         u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
         radius = eps.to(x.dtype) * u.pow(power)
-        return self.direction(g) * _per_sample(radius, x)
+        return self.direction(g) * per_sample_view(radius, x)
 
     def boundary(self, x, eps, generator=None, region=None):
         # uniform on the sphere of radius eps (of the region's subspace): a normalised Gaussian
         g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.direction(restrict(g, as_region(region, x))) * _per_sample(eps, x)
+        return self.direction(restrict(g, as_region(region, x))) * per_sample_view(eps, x)
 
 
 class Linf(Norm):
@@ -114,17 +114,17 @@ class Linf(Norm):
         return g.sign()
 
     def project(self, d, eps):
-        e = _per_sample(eps, d)
+        e = per_sample_view(eps, d)
         return torch.maximum(torch.minimum(d, e), -e)
 
     def random(self, x, eps, generator=None, region=None):
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return restrict((2 * u - 1) * _per_sample(eps, x), as_region(region, x))
+        return restrict((2 * u - 1) * per_sample_view(eps, x), as_region(region, x))
 
     def boundary(self, x, eps, generator=None, region=None):
         # a uniformly drawn vertex of the box (of the region): +-eps in every coordinate
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return restrict(torch.where(u < 0.5, -1.0, 1.0).to(x.dtype) * _per_sample(eps, x), as_region(region, x))
+        return restrict(torch.where(u < 0.5, -1.0, 1.0).to(x.dtype) * per_sample_view(eps, x), as_region(region, x))
 
 
 NORMS: dict[str, type[Norm]] = {"l2": L2, "linf": Linf}

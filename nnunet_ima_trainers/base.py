@@ -176,7 +176,7 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         """The seam. Return ``(noisy, finish)``: ``noisy`` the noisy batch (same shape as ``data``;
         rows that should count with their clean loss hold the clean sample) or None when no sample
         is perturbed; ``finish`` None or a callable taking the detached full-resolution logits of the
-        noisy forward (B, C, *S) - or None when no noisy forward ran - called once per step, before
+        noisy forward (B, C, *S) - or None when no noisy forward ran - called once per step, after
         the noisy backward (IMA's margin update, Algorithm 1 line 13, reads g(z~) there).
         ``clean_output``: detached full-resolution logits of the clean forward (B, C, *S)."""
         return None, None

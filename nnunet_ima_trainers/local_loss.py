@@ -33,10 +33,3 @@ def rank_local_loss(trainer) -> torch.nn.Module:
     if hasattr(loss, "weight_factors") and hasattr(trainer.loss, "weight_factors"):
         loss.weight_factors = tuple(trainer.loss.weight_factors)
     return loss.to(trainer.device) if isinstance(loss, torch.nn.Module) else loss
-
-
-def gathers_across_ranks(loss) -> bool:
-    """True when some part of ``loss`` all-gathers across DDP ranks (nnU-Net's Dice with ``ddp`` and
-    ``batch_dice``)."""
-    modules = loss.modules() if isinstance(loss, torch.nn.Module) else []
-    return any(getattr(m, "ddp", False) and getattr(m, "batch_dice", False) for m in modules)

@@ -21,6 +21,14 @@ SHORT = {"NNUNET_IMA_EPOCHS": "1", "NNUNET_IMA_ITERS": "2", "NNUNET_IMA_VAL_ITER
          "NNUNET_IMA_N": "2", "NNUNET_IMA_DICE_THRESHOLD": "0.01"}
 
 
+def gathers_across_ranks(loss) -> bool:
+    """True when some part of ``loss`` all-gathers across DDP ranks (nnU-Net's Dice with ``ddp`` and
+    ``batch_dice``)."""
+    modules = loss.modules() if isinstance(loss, torch.nn.Module) else []
+    return any(getattr(m, "ddp", False) and getattr(m, "batch_dice", False) for m in modules)
+
+
+
 @pytest.fixture
 def tiny_env(nnunet_environ, monkeypatch, tmp_path, one_thread):
     """The tiny dataset, results in this test's own folder, a short IMA schedule, one thread."""
@@ -280,7 +288,6 @@ def test_attacks_use_the_plain_module_and_a_loss_without_ddp_gathering(tiny_env,
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from nnunet_ima_trainers.local_loss import gathers_across_ranks
 
     trainer = make_trainer(tiny_env, nnUNetTrainerSTD)  # base.py's methods; IMA under DDP: test_trainers_ddp.py
     trainer.initialize()
