@@ -1,6 +1,8 @@
 """The attacks of ``nnunet-ima-attack --attacks``: one registry, each entry with its own step setting
-and docstring. A new attack is one entry here (and, if it needs a new iteration count, a field of
-:class:`~nnunet_ima_eval.runner.AttackSettings` and a row of ``nnunet_ima.ui.VOCABULARY``).
+and docstring. A new attack is one entry here; if it needs an iteration count of its own, that count is a
+field of :class:`~nnunet_ima_eval.runner.AttackSettings` (its default) and a row of
+``nnunet_ima.ui.VOCABULARY`` (its flag): the command line offers one ``--<setting>`` per step setting
+named here (:func:`step_settings`).
 
 Every entry runs ``run(model, x, y, eps, *, norm, steps, loss=None, generator=None, region=None,
 best=False, score=None) -> x_adv`` on the kernel: x (B, C, *S) 2d or 3d, y labels (B, *S) / (B, 1, *S)
@@ -74,3 +76,12 @@ ATTACKS: dict[str, Attack] = {
                         f"APGD on balanced masked CE, {_SEA}", True),
     "apgd-js": Attack(_apgd_on("js", track="ce"), "apgd_steps", f"APGD on the JS divergence, {_SEA}", True),
 }
+
+
+def step_settings() -> dict[str, list[str]]:
+    """{AttackSettings field with an iteration count: the attacks that read it}, in registry order:
+    ``{"pgd_steps": ["pgd"], ..., "apgd_steps": ["apgd", "apgd-mce", ...]}``."""
+    out: dict[str, list[str]] = {}
+    for name, attack in ATTACKS.items():
+        out.setdefault(attack.steps, []).append(name)
+    return out

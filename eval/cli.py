@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device
+from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device, spelling
 
-from .attacks import ATTACKS
+from .attacks import ATTACKS, step_settings
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
-from .runner import ITERATES, STRONG_APGD_STEPS, SUITES, WORST
+from .runner import ITERATES, STRONG_APGD_STEPS, SUITES, WORST, AttackSettings
 
 
 PROG = "nnunet-ima-attack"
@@ -61,13 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ADI convention: project = a class absent from truth and prediction is left out (a blank "
                         "slice predicted blank scores 1); paper = the authors' code (absent class scores 0, slices "
                         "without foreground skipped), which the paper's tables used")
-    add_option(p, COMMAND, "pgd_steps", default=100, help="PGD iterations (random start)")
-    add_option(p, COMMAND, "ifgsm_steps", default=10, help="IFGSM iterations (no random start)")
-    add_option(p, COMMAND, "segpgd_steps", default=100, help="SegPGD iterations")
-    add_option(p, COMMAND, "cospgd_steps", default=100, help="CosPGD iterations")
-    add_option(p, COMMAND, "apgd_steps", default=None,
-               help=f"iterations of apgd, apgd-mce, apgd-bmce, apgd-js (None = 100; {STRONG_APGD_STEPS} with "
-                    f"--suite strong: the masked losses are weak with few iterations)")
+    _add_step_options(p)
     p.add_argument("-i", dest="images", default=None,
                    help="raw test images (CASE_0000.nii.gz...) instead of the fold's validation cases; needs -l")
     p.add_argument("-l", dest="labels", default=None, help="raw test labels (CASE.nii.gz) matching -i")
@@ -84,12 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_step_options(p) -> None:
+    """One ``--<setting>`` per iteration setting of the registry (:func:`.attacks.step_settings`),
+    defaulting to :class:`.runner.AttackSettings`'s; APGD's default follows ``--suite``."""
+    defaults = AttackSettings()
+    for setting, names in step_settings().items():
+        if setting == "apgd_steps":
+            add_option(p, COMMAND, setting, default=None,
+                       help=f"iterations of {', '.join(names)} (None = {defaults.apgd_steps}; {STRONG_APGD_STEPS} "
+                            f"with --suite strong: the masked losses are weak with few iterations)")
+        else:
+            add_option(p, COMMAND, setting, default=getattr(defaults, setting), help=f"iterations of {', '.join(names)}")
+
+
 def _check_numbers(args) -> None:
-    for flag, value in (("--pgd-steps", args.pgd_steps), ("--ifgsm-steps", args.ifgsm_steps),
-                        ("--segpgd-steps", args.segpgd_steps), ("--cospgd-steps", args.cospgd_steps),
-                        ("--batch-size", args.batch_size),
-                        ("--apgd-steps", 1 if args.apgd_steps is None else args.apgd_steps)):
-        if value < 1:
+    counts = [(spelling(s), getattr(args, s)) for s in step_settings()] + [("--batch-size", args.batch_size)]
+    for flag, value in counts:
+        if value is not None and value < 1:
             raise EvalError(f"{flag} must be >= 1, got {value}")
     if args.max_samples is not None and args.max_samples < 1:
         raise EvalError(f"--max-samples must be >= 1, got {args.max_samples}")
@@ -111,7 +116,7 @@ def _check_attacks(args) -> None:
         raise EvalError("--attacks: worst needs at least one attack to take the minimum over")
     args.attacks = attacks + ([WORST] if WORST in names else [])
     if args.apgd_steps is None:
-        args.apgd_steps = STRONG_APGD_STEPS if args.suite == "strong" else 100
+        args.apgd_steps = STRONG_APGD_STEPS if args.suite == "strong" else AttackSettings().apgd_steps
     if args.iterate is None:
         args.iterate = "best" if args.suite == "strong" else "final"
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .attacks import step_settings
 from .data import check_label_values, load_fold_cases, load_raw_cases, raw_case_files
 from .errors import EvalError
 from .metrics import MEAN, adi, summarize, worst_counts
@@ -63,10 +64,9 @@ def prepare(args) -> Plan:
     ckpts = {tr: locate(name, args.configuration, args.fold, tr, args.plans, args.checkpoint) for tr in args.trainers}
     if args.images:
         _check_raw_layout(args, next(iter(ckpts.values())))
-    settings = AttackSettings(norm=args.norm, loss=args.loss, pgd_steps=args.pgd_steps, ifgsm_steps=args.ifgsm_steps,
-                              segpgd_steps=args.segpgd_steps, cospgd_steps=args.cospgd_steps,
-                              apgd_steps=args.apgd_steps, batch_size=args.batch_size,
-                              seed=args.seed, convention=args.adi_convention, iterate=args.iterate)
+    settings = AttackSettings(norm=args.norm, loss=args.loss, batch_size=args.batch_size, seed=args.seed,
+                              convention=args.adi_convention, iterate=args.iterate,
+                              **{s: getattr(args, s) for s in step_settings()})
     source = "fold" if not args.images else f"raw:{os.path.abspath(args.images)}"
     store = report.ResultStore(Path(args.output), overwrite=args.overwrite)
     for m in store.messages:
