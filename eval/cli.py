@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 from nnunet_ima import seg_attacks
+from nnunet_ima.eps_scale import unrepresentable
 from nnunet_ima.plumbing import OneLineParser
+from nnunet_ima.ui import UsageError, check_writable
 
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
@@ -87,6 +89,9 @@ def _check_numbers(args) -> None:
     bad = [e for e in args.eps if not e >= 0 or e != e or e == float("inf")]
     if bad:
         raise EvalError(f"--eps must be finite and >= 0, got {', '.join(f'{e:g}' for e in bad)}")
+    huge = [why for e in args.eps if (why := unrepresentable(e))]
+    if huge:
+        raise EvalError(huge[0])
     for flag, value in (("--pgd-steps", args.pgd_steps), ("--ifgsm-steps", args.ifgsm_steps),
                         ("--steps", args.steps_other), ("--batch-size", args.batch_size),
                         ("--apgd-steps", 1 if args.apgd_steps is None else args.apgd_steps)):
@@ -130,8 +135,7 @@ def validate(args) -> None:
             raise EvalError(f"unknown fold {args.fold!r}: use an integer or 'all'") from None
     if len(set(args.trainers)) != len(args.trainers):
         raise EvalError("-tr: each trainer once")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise EvalError(f"-o {args.output} is a file: give a folder (new or from an earlier run)")
+    check_writable(args.output, "-o")  # a probe file, before anything is loaded or computed
     import torch
 
     if args.device is None:
@@ -145,11 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validate(args)
         return run(args)
-    except EvalError as e:
+    except (EvalError, UsageError) as e:
         print(f"nnunet-ima-attack: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nnunet-ima-attack: interrupted; finished rows are in {args.output}", file=sys.stderr)
+    except KeyboardInterrupt:  # before the store was opened: nothing of this run was written
+        print(f"nnunet-ima-attack: interrupted before any result was computed; nothing written to {args.output}",
+              file=sys.stderr)
         return 130
 
 
@@ -159,9 +164,24 @@ def run(args) -> int:
     from .pipeline import evaluate_model, prepare, publish
 
     plan = prepare(args)
-    results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
-    publish(plan, results)
+    try:
+        results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
+        publish(plan, results)
+    except KeyboardInterrupt:
+        print(f"nnunet-ima-attack: interrupted; {interrupted(plan)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(plan) -> str:
+    """What an interrupted run left in the output folder, in words (every finished result is saved with its
+    rows at once: results.csv, results.json and read_table hold them)."""
+    n, out = plan.store.finished, plan.out
+    if n:
+        return (f"the {n} finished results of this run are saved in {out} (results.csv, results.json: rows for "
+                f"every finished result); rerun the same command to compute the rest")
+    held = " holds only earlier results" if plan.store.rows else ": nothing was written there"
+    return f"no result of this run had finished; {out}{held}"
 
 
 if __name__ == "__main__":
