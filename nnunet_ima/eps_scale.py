@@ -44,7 +44,7 @@ def unrepresentable(eps: float, flag: str = "--eps") -> str | None:
 def _size_words(eps: float, norm: str, numel: int, unit: str) -> str:
     size = per_element(eps, norm, numel)
     if norm == "l2":
-        return f"{size:.3g} per {unit} (RMS of an L2 budget over {numel} {unit}s)"
+        return f"{size:.3g} per {unit} (RMS of an L2 budget over {numel} {unit}{'s' if numel != 1 else ''})"
     return f"up to {size:.3g} per {unit}"
 
 

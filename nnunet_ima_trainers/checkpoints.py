@@ -38,6 +38,8 @@ def read_checkpoint(path: str, setting: str = "init_weights", map_location="cpu"
     text file, a damaged file, a pickle of other objects, a dict without ``network_weights``) is one
     :class:`ConfigError` naming ``setting`` and the path."""
     where = f"{setting}={path}"
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file")
     try:
