@@ -34,8 +34,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_ima.losses import first
 from nnunet_ima.plumbing import atomic_torch_save, to_plain
 
-from .checkpoints import (SETTINGS_KEY, describe_checkpoint, read_checkpoint, state_digest, training_digest,
-                          weight_mismatches)
+from .checkpoints import (SETTINGS_KEY, bare_keys, describe_checkpoint, fitting_init_weights, read_checkpoint,
+                          refuse_unfitting, state_digest, training_digest)
 from .config import KEYS, ConfigError, IMAConfig, load_config
 from .data import sample_key_loader, seeded_augmenters
 from .local_loss import rank_local_loss
@@ -59,8 +59,8 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         self.ima_config = self._read_config(plans, configuration, dataset_json)  # fail before any side effect
         # init_weights must fit this network before nnU-Net makes the fold folder (a folder left by a refused run
         # would look like a model in training to nnunet-ima-attack and to the user)
-        self._init_checkpoint = self._fitting_init_weights(self.ima_config.init_weights, plans, configuration,
-                                                           dataset_json)
+        self._init_checkpoint = fitting_init_weights(type(self), self.ima_config.init_weights, plans, configuration,
+                                                     dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         cfg = self.ima_config
         self.num_epochs = cfg.epochs or self.num_epochs
@@ -97,24 +97,6 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         if self.ima_config.init_weights:
             self.load_init_weights(self.ima_config.init_weights, self._init_checkpoint)
             self._init_checkpoint = None
-
-    @classmethod
-    def _fitting_init_weights(cls, path: str | None, plans: dict, configuration: str, dataset_json: dict) -> dict | None:
-        """The checkpoint ``init_weights`` names (read on the CPU), or None when unset; ConfigError unless its
-        weights fit the network this trainer builds from ``plans`` (built here once, with this trainer's
-        ``build_network_architecture``, so that nothing is created before the refusal)."""
-        if not path:
-            return None
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-        checkpoint = read_checkpoint(path, "init_weights", map_location="cpu")
-        pm = PlansManager(plans)
-        cm = pm.get_configuration(configuration)
-        net = cls.build_network_architecture(pm, cm, determine_num_input_channels(pm, cm, dataset_json),
-                                             pm.get_label_manager(dataset_json).num_segmentation_heads, True)
-        builds = f"trainer {cls.__name__}, dataset {pm.dataset_name}, configuration {configuration}, plans {pm.plans_name}"
-        refuse_unfitting(path, checkpoint, net.state_dict(), builds)
-        return checkpoint
 
     def describe(self) -> str:
         """'trainer T, dataset D, configuration C, plans P' of this trainer (as in checkpoint messages)."""
@@ -332,21 +314,3 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         stored = state_digest({k: checkpoint[k] for k in restored if k in checkpoint})
         note = "" if stored == digest else f" (the file held digest {stored}: changed on restore, see above)"
         self.print_to_log_file(f"restored {name}: {', '.join(restored)} digest {digest}{note}")
-
-
-def refuse_unfitting(path: str, checkpoint: dict, own: dict, builds: str) -> None:
-    """ConfigError unless the weights of ``checkpoint`` (setting init_weights=``path``) fit the state dict
-    ``own`` of the network this run builds (described as ``builds``)."""
-    problems = weight_mismatches(own, bare_keys(checkpoint["network_weights"]))
-    if problems:
-        raise ConfigError(
-            f"init_weights={path}: not a checkpoint of this network. The checkpoint holds "
-            f"{describe_checkpoint(checkpoint)}; this run builds {builds} ({len(problems)} mismatched "
-            f"weights, e.g. {'; '.join(problems[:3])}). Same plans, configuration and architecture needed; to "
-            "transfer between datasets use nnU-Net's -pretrained_weights instead")
-
-
-def bare_keys(weights: dict) -> dict:
-    """State-dict keys without the DDP ("module.") and torch.compile ("_orig_mod.") prefixes."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-
