@@ -164,7 +164,9 @@ def load_evaluator(plan: Plan, tr: str) -> Evaluator:
 def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
     """Each eps against the test inputs (:func:`nnunet_ima.eps_scale.scale_problems`): a warning where the size
     per voxel exceeds the inputs' standard deviation, EvalError where float32 cannot represent it."""
-    std = float(np.std(np.concatenate([c.image.ravel() for c in ev.cases])))
+    n = sum(c.image.size for c in ev.cases)
+    mean = sum(float(c.image.sum(dtype=np.float64)) for c in ev.cases) / n
+    std = (sum(float(np.square(c.image - mean, dtype=np.float64).sum()) for c in ev.cases) / n) ** 0.5
     channels = ev.cases[0].image.shape[0]
     numel = int(np.median([channels * np.prod(r.size) for r in ev.refs]))
     warnings, refusals = scale_problems(plan.eps_list, plan.settings.norm, numel, std,
@@ -180,7 +182,10 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
     only what cannot be reused."""
     keys, inputs = run_keys(plan, tr), inputs_of(plan, tr)
     found, todo = split_reusable(plan, tr, keys, inputs)
-    checks_todo = not plan.args.no_sanity and plan.store.lookup_checks(sanity_key(plan, tr), inputs)[0] is None
+    stored, why = (None, "new") if plan.args.no_sanity else plan.store.lookup_checks(sanity_key(plan, tr), inputs)
+    checks_todo = not plan.args.no_sanity and stored is None
+    if checks_todo and why != "new":
+        print(f"{tr}: recomputing the sanity checks: {why}")
     if not todo and not checks_todo:
         print(f"{tr}: all {len(keys)} results{'' if plan.args.no_sanity else ' and the sanity checks'} already in "
               f"{plan.store.json_path} with unchanged checkpoint, data and settings (use --overwrite to recompute)")

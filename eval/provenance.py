@@ -91,7 +91,7 @@ def describe_changes(old: dict, new: dict) -> str:
     words = {"checkpoint": "the checkpoint changed", "images": "the images changed", "labels": "the labels changed",
              "plans": "the model's plans.json or dataset.json changed",
              "code": f"the code version changed ({old.get('code')} -> {new.get('code')})"}
-    diff = [words.get(k, f"{k} changed") if k in old else f"its {k} was not recorded (a result of an earlier version)"
+    diff = [words.get(k, f"{k} changed") if k in old else f"the {k} fingerprint was not recorded (a result of an earlier version)"
             for k in new if old.get(k) != new.get(k)]
     if new.get("images") == new.get("labels") and "the images changed" in diff and "the labels changed" in diff:
         diff.remove("the images changed")
