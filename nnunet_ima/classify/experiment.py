@@ -265,7 +265,7 @@ def write_outputs(cfg: RunConfig, splits: Splits, trained: dict, results: dict, 
              f"{len(splits.train)} train samples")
     table = format_table(results, title=title)
     atomic_write_text(out / "table.txt", table + "\n")
-    rows = result_rows(results)
+    rows = result_rows(results, p.norm)
     with atomic_write(out / "results.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
