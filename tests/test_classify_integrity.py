@@ -63,8 +63,6 @@ def test_run_resume_checks_every_method_before_training_any(folder6, tmp_path, c
     args = ["run", "--methods", "std", "sat", "--dataset", "imagefolder", "--data-root", str(folder6),
             "--attacks", "pgd", "--eps", "0.1", "-o", str(out)] + TINY
     assert call(args, capsys)[0] == 0
-    rows = (out / "results.csv").read_text().splitlines()
-    assert rows[0].split(",")[-1] == "norm" and all(r.endswith(",l2") for r in rows[1:])  # each row names its norm
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
     assert len(stamps) == 2
     rc, _, err = call(args + ["--resume", "--test-split", "0.5"], capsys)
@@ -75,6 +73,8 @@ def test_run_resume_checks_every_method_before_training_any(folder6, tmp_path, c
     rc, _, err = call(args[:-len(TINY) - 2] + ["-o", str(empty)] + TINY + ["--resume"], capsys)
     one_line(rc, err, "--resume", "no run")
     assert not empty.exists()
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].split(",")[-1] == "norm" and all(r.endswith(",l2") for r in rows[1:])  # each row names its norm
 
 
 def test_damaged_png_is_one_line_naming_it(tmp_path, capsys):
