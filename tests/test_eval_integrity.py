@@ -46,6 +46,12 @@ def as_text(rows) -> str:
     return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows], sort_keys=True, default=str)
 
 
+def report_rows(out):
+    from nnunet_ima_eval.report import read_table
+
+    return read_table(out)
+
+
 def no_load(monkeypatch):
     import nnunet_ima_eval.pipeline as pipeline
 
@@ -121,12 +127,6 @@ def test_sanity_checks_are_stored_results_computed_when_missing(env, tmp_path, m
     rc, stdout, stderr = attack(common(env, out2) + FAST)
     assert rc == 0 and "recomputing" not in stdout, stderr
     assert f"{EVAL_TRAINER}: noise_weaker:" in stdout and f"{EVAL_TRAINER}: more_steps[ifgsm]:" in stdout
-
-
-def report_rows(out):
-    from nnunet_ima_eval.report import read_table
-
-    return read_table(out)
 
 
 # ------------------------------------------------------------------------------------- defect 3
@@ -333,7 +333,8 @@ def test_eps_that_float32_cannot_hold_is_refused_before_any_work(env, tmp_path, 
 
 def test_linf_eps_of_l2_size_is_warned_and_every_row_names_its_norm(env, tmp_path):
     out = tmp_path / "out"
-    rc, stdout, stderr = attack(common(env, out) + FAST[:1] + ["2"] + FAST[2:] + ["--norm", "linf", "--no-sanity"])
+    linf = ["--eps", "2", "--attacks", "ifgsm", "--ifgsm-steps", "1", "--max-samples", "4", "--norm", "linf"]
+    rc, stdout, stderr = attack(common(env, out) + linf + ["--no-sanity"])
     assert rc == 0, stderr
     warning = [line for line in stderr.splitlines() if line.startswith("nnunet-ima-attack: warning: --eps 2")]
     assert warning and "Linf" in warning[0] and "2 per voxel" in warning[0] and "standard deviation" in warning[0]
