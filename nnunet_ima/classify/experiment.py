@@ -159,9 +159,9 @@ def prepare_run(cfg: RunConfig, single: bool = False) -> Splits:
                              "to start again")
     dirs = method_dirs(cfg, single)
     if cfg.resume and not any((d / CHECKPOINT).is_file() for d in dirs.values()):
-        raise RunExistsError(f"--resume: {cfg.out} holds no run to continue (no {CHECKPOINT} of "
-                             f"{', '.join(os.path.relpath(d, cfg.out) for d in dirs.values())}); leave out --resume "
-                             "to start one")
+        names = ", ".join(os.path.relpath(d, cfg.out) for d in dirs.values() if not single)
+        raise RunExistsError(f"--resume: {cfg.out} holds no run to continue (no {CHECKPOINT}"
+                             f"{' of ' + names if names else ''}); leave out --resume to start one")
     splits = load_splits(cfg)
     if cfg.eval_split == "val" and splits.val is None:
         raise DatasetError(f"--eval-split val: {splits.name} has no validation split here; use --eval-split test")
