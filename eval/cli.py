@@ -13,7 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device, spelling
+from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, check_writable, report_error, resolve_device, \
+    spelling
 
 from .attacks import ATTACKS, step_settings
 from .errors import EvalError
@@ -134,8 +135,7 @@ def validate(args) -> None:
             raise EvalError(f"unknown fold {args.fold!r}: use an integer or 'all'") from None
     if len(set(args.trainers)) != len(args.trainers):
         raise EvalError("-tr: each trainer once")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise EvalError(f"-o {args.output} is a file: give a folder (new or from an earlier run)")
+    check_writable(args.output, "-o")  # a probe file, before anything is loaded or computed
     args.device = resolve_device(args.device)
 
 
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except (EvalError, UsageError) as e:
         return report_error(PROG, e)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished rows are in {args.output}", file=sys.stderr)
+    except KeyboardInterrupt:  # before the store was opened: nothing of this run was written
+        print(f"{PROG}: interrupted before any result was computed; nothing written to {args.output}", file=sys.stderr)
         return 130
 
 
@@ -157,9 +157,24 @@ def run(args) -> int:
     from .pipeline import evaluate_model, prepare, publish
 
     plan = prepare(args)
-    results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
-    publish(plan, results)
+    try:
+        results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
+        publish(plan, results)
+    except KeyboardInterrupt:
+        print(f"nnunet-ima-attack: interrupted; {interrupted(plan)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted(plan) -> str:
+    """What an interrupted run left in the output folder, in words (every finished result is saved with its
+    rows at once: results.csv, results.json and read_table hold them)."""
+    n, out = plan.store.finished, plan.out
+    if n:
+        return (f"the {n} finished results of this run are saved in {out} (results.csv, results.json: rows for "
+                f"every finished result); rerun the same command to compute the rest")
+    held = " holds only earlier results" if plan.store.rows else ": nothing was written there"
+    return f"no result of this run had finished; {out}{held}"
 
 
 if __name__ == "__main__":

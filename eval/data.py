@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .errors import EvalError
+from .images import read_case
 
 
 @dataclass
@@ -155,7 +156,8 @@ def raw_case_files(images: Path, labels: Path, file_ending: str, num_channels: i
 
 
 def load_raw_cases(model, images, labels) -> list[Case]:
-    """Raw cases preprocessed with the model's own preprocessor (as ``nnUNetPredictor`` does)."""
+    """Raw cases read by :func:`.images.read_case` (the model's reader; every failure one line naming the
+    file) and preprocessed with the model's own preprocessor (as ``nnUNetPredictor`` does)."""
     dj = model.dataset_json
     files = raw_case_files(images, labels, dj["file_ending"], len(dj.get("channel_names", dj.get("modality", {0: 0}))))
     pm, cm = model.plans_manager, model.configuration_manager
@@ -163,11 +165,7 @@ def load_raw_cases(model, images, labels) -> list[Case]:
     pre = cm.preprocessor_class(verbose=False)
     out = []
     for cid, image_files, lab in files:
-        data, props = reader.read_images(image_files)
-        seg, _ = reader.read_seg(str(lab))
-        if tuple(data.shape[1:]) != tuple(seg.shape[1:]):
-            raise EvalError(f"case {cid}: label shape {tuple(seg.shape[1:])} does not match image shape "
-                            f"{tuple(data.shape[1:])} ({lab})")
+        data, seg, props = read_case(reader, cid, image_files, lab, len(image_files))
         data, seg, _ = pre.run_case_npy(data, seg, props, pm, cm, dj)
         out.append(Case(cid, np.asarray(data, np.float32), _clean_label(seg[0])))
     return out

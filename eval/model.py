@@ -112,6 +112,12 @@ def model_folder(dataset: str, trainer: str, plans: str, configuration: str) -> 
     return Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
 
 
+def is_trained(folder: Path) -> bool:
+    """Whether ``folder`` holds a trained model: a ``fold_*`` folder with a checkpoint (a training run refused
+    or stopped before its first checkpoint leaves none)."""
+    return folder.is_dir() and any(folder.glob("fold_*/*.pth"))
+
+
 def locate(dataset: str, configuration: str, fold: str, trainer: str, plans: str = "nnUNetPlans",
            checkpoint: str = "checkpoint_final.pth") -> Path:
     """The checkpoint file of a trained model; EvalError naming what is missing (checked for every
@@ -120,7 +126,7 @@ def locate(dataset: str, configuration: str, fold: str, trainer: str, plans: str
     folder = model_folder(name, trainer, plans, configuration)
     if not folder.is_dir():
         parent = folder.parent
-        have = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+        have = sorted(p.name for p in parent.iterdir() if is_trained(p)) if parent.is_dir() else []
         raise EvalError(f"unknown trainer {trainer!r} (plans {plans!r}, configuration {configuration!r}) for {name}: "
                         f"no folder {folder}" + (f"; trained models there: {', '.join(have)}" if have else
                                                  f"; nothing trained for {name} in nnUNet_results"))

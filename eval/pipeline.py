@@ -2,32 +2,38 @@
 
 1. :func:`prepare` - every check that needs no model (dataset, checkpoints, test-data layout), the
    fingerprints of what produces each result, and the result store. Nothing is written yet.
-2. :func:`evaluate_model` - per model: which results can be reused (same settings and same inputs)
-   and which must be computed (saying why); load the model and data only if something is to be
-   computed; check the label values; attack; sanity checks.
+2. :func:`evaluate_model` - per model: which results and sanity checks can be reused (same settings
+   and same inputs) and which must be computed (saying why); load the model and data only if something
+   is to be computed; check the label values and eps against the inputs; attack (each finished result
+   saved with its rows at once); sanity checks (stored like results).
 3. :func:`publish` - the figures of every result (ADI convention of this run, the "worst" group:
-   per sample the lowest Dice over clean and every attack at that eps), monotonicity checks,
-   results.json / results.csv, tables, plot.
+   per sample the lowest Dice over clean and every attack at that eps), the checks (stored sanity checks,
+   every stored run's budget, monotonicity), results.json / results.csv, tables, plot.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from nnunet_ima.eps_scale import scale_problems
+from nnunet_ima.ui import warn
 
 from . import report
 from .attacks import step_settings
 from .data import check_label_values, load_fold_cases, load_raw_cases, raw_case_files
 from .errors import EvalError
+from .images import check_raw_cases
 from .metrics import MEAN, adi, summarize, worst_counts
 from .model import dataset_name, load_model, locate
-from .provenance import CODE_VERSION, data_inputs, file_digest, versions
+from .naming import folder_name, identity, same_model
+from .provenance import CODE_VERSION, data_inputs, file_digest, files_digest, versions
 from .runner import CLEAN, WORST, AttackSettings, Evaluator
-from .sanity import (check_budget, check_eps0, check_gradient_free, check_large_eps, check_more_steps, check_noise,
-                     monotonicity_checks)
+from .sanity import (budget_check, budget_measure, check_eps0, check_gradient_free, check_large_eps, check_more_steps,
+                     check_noise, monotonicity_checks, vacuous_checks, vacuous_reason)
 
 
 @dataclass
@@ -55,7 +61,8 @@ def _check_raw_layout(args, checkpoint: Path) -> None:
         if not Path(folder).is_dir():
             raise EvalError(f"{what} {folder} does not exist")
     dj = json.loads((checkpoint.parent.parent / "dataset.json").read_text())
-    raw_case_files(args.images, args.labels, dj["file_ending"], len(dj.get("channel_names", dj.get("modality", {0: 0}))))
+    check_raw_cases(raw_case_files(args.images, args.labels, dj["file_ending"],
+                                   len(dj.get("channel_names", dj.get("modality", {0: 0})))))
 
 
 def prepare(args) -> Plan:
@@ -85,8 +92,9 @@ def common_key(plan: Plan, tr: str) -> dict:
 def run_keys(plan: Plan, tr: str) -> list[dict]:
     """The clean run and every (attack, eps) run of model ``tr``, with the settings that define them."""
     c, s = common_key(plan, tr), plan.settings
-    keys = [{**c, "attack": CLEAN, "eps": 0.0, "norm": "-", "loss": "-", "steps": 0, "seed": "-", "batch_size": "-",
-             "iterate": "-"}]
+    # the clean run carries the norm too: every row names the norm its table's eps are measured in
+    keys = [{**c, "attack": CLEAN, "eps": 0.0, "norm": s.norm, "loss": "-", "steps": 0, "seed": "-",
+             "batch_size": "-", "iterate": "-"}]
     keys += [{**c, "attack": a, "eps": e, "norm": s.norm, "loss": s.loss, "steps": s.steps(a), "seed": s.seed,
               "batch_size": s.batch_size, "iterate": s.iterate_of(a)} for a in plan.attacks for e in plan.eps_list]
     return keys
@@ -103,7 +111,9 @@ def inputs_of(plan: Plan, tr: str) -> dict:
             pm = PlansManager(str(plan.checkpoints[tr].parent.parent / "plans.json"))
             ident = pm.get_configuration(a.configuration).data_identifier
         pre = Path(os.environ["nnUNet_preprocessed"]) / plan.name
-        plan.data[tr] = data_inputs(plan.source, a.images, a.labels, pre, ident, a.fold)
+        folder = plan.checkpoints[tr].parent.parent  # the model's plans.json and dataset.json: network and preprocessing
+        plan.data[tr] = {"plans": files_digest([folder / "plans.json", folder / "dataset.json"], folder),
+                         **data_inputs(plan.source, a.images, a.labels, pre, ident, a.fold)}
     return {"checkpoint": file_digest(plan.checkpoints[tr]), **plan.data[tr], "code": CODE_VERSION}
 
 
@@ -111,7 +121,8 @@ def split_reusable(plan: Plan, tr: str, keys: list[dict], inputs: dict) -> tuple
     """({row key: stored counts} reusable, [(key, why)] to compute); prints each recomputation's reason."""
     found, todo = {}, []
     for k in keys:
-        counts, why = (None, "--overwrite") if plan.args.overwrite else plan.store.lookup(k, inputs)
+        examples = plan.args.save_examples if k["attack"] != CLEAN else 0  # saved with the attacks' runs
+        counts, why = (None, "--overwrite") if plan.args.overwrite else plan.store.lookup(k, inputs, examples)
         if counts is None:
             todo.append((k, why))
             if why != "new":
@@ -138,7 +149,7 @@ def _choose_examples(ev: Evaluator, n: int) -> set:
 
 
 def load_evaluator(plan: Plan, tr: str) -> Evaluator:
-    """Model, test cases (label values checked before any attack) and batches."""
+    """Model, test cases (label values checked before any attack), batches; eps against the inputs."""
     a = plan.args
     model = load_model(plan.name, a.configuration, a.fold, tr, a.plans, a.checkpoint, a.device)
     if a.images:
@@ -146,49 +157,81 @@ def load_evaluator(plan: Plan, tr: str) -> Evaluator:
     else:
         cases, where = load_fold_cases(model, a.fold), f"fold {a.fold}'s preprocessed labels"
     check_label_values(cases, model.num_classes, model.label_manager.ignore_label, where)
-    return Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet)
+    ev = Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet)
+    check_eps_scale(plan, ev)
+    return ev
+
+
+def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
+    """Each eps against the test inputs (:func:`nnunet_ima.eps_scale.scale_problems`): a warning where the size
+    per voxel exceeds the inputs' standard deviation, EvalError where float32 cannot represent it."""
+    n = sum(c.image.size for c in ev.cases)
+    mean = sum(float(c.image.sum(dtype=np.float64)) for c in ev.cases) / n
+    std = (sum(float(np.square(c.image - mean, dtype=np.float64).sum()) for c in ev.cases) / n) ** 0.5
+    channels = ev.cases[0].image.shape[0]
+    numel = int(np.median([channels * np.prod(r.size) for r in ev.refs]))
+    warnings, refusals = scale_problems(plan.eps_list, plan.settings.norm, numel, std,
+                                        "the test inputs' standard deviation", "--eps", "voxel")
+    if refusals:
+        raise EvalError(refusals[0])
+    for w in warnings:
+        warn("nnunet-ima-attack", w)
 
 
 def evaluate_model(plan: Plan, tr: str) -> dict:
-    """Counts of every run of model ``tr`` ({row key: Counts}); computes only what cannot be reused."""
+    """Counts of every run of model ``tr`` ({row key: Counts}) and its sanity checks in the store; computes
+    only what cannot be reused."""
     keys, inputs = run_keys(plan, tr), inputs_of(plan, tr)
     found, todo = split_reusable(plan, tr, keys, inputs)
-    if not todo:
-        print(f"{tr}: all {len(keys)} results already in {plan.store.json_path} with unchanged checkpoint, data "
-              f"and settings (use --overwrite to recompute)")
-        plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + \
-            [c for c in plan.store.checks_on_disk if c["model"] == tr and not c["check"].startswith("non_increasing")]
+    stored, why = (None, "new") if plan.args.no_sanity else plan.store.lookup_checks(sanity_key(plan, tr), inputs)
+    checks_todo = not plan.args.no_sanity and stored is None
+    if checks_todo and why != "new":
+        print(f"{tr}: recomputing the sanity checks: {why}")
+    if not todo and not checks_todo:
+        print(f"{tr}: all {len(keys)} results{'' if plan.args.no_sanity else ' and the sanity checks'} already in "
+              f"{plan.store.json_path} with unchanged checkpoint, data and settings (use --overwrite to recompute)")
         return found
     ev = load_evaluator(plan, tr)
     print(f"{tr}: {len(ev.cases)} cases, {len(ev.refs)} {'slices' if ev.dim == 2 else 'patches'} in "
-          f"{len(ev.batches)} batches; {len(todo)} of {len(keys)} results to compute")
-    keep = _choose_examples(ev, plan.args.save_examples)
-    clean = ev.run(CLEAN, 0.0, keep=keep)
-    extra = {"versions": versions()}
-    computed = {}  # attack -> its evaluations computed now (the budget check reads their perturbations)
-    for k, _ in todo:
-        evaluation = clean if k["attack"] == CLEAN else ev.run(k["attack"], k["eps"], keep=keep)
-        plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, ev.model.class_names, extra)
-        found[report.row_key(k)] = evaluation.counts
-        if k["attack"] != CLEAN:
-            computed.setdefault(k["attack"], []).append(evaluation)
-            _say_and_save_examples(plan, ev, evaluation, clean)
-    checks = [] if plan.args.no_sanity else sanity_checks(plan, ev, keys, found, clean, computed)
-    plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + checks
-    plan.store.save()
+          f"{len(ev.batches)} batches; {len(todo)} of {len(keys)} results to compute"
+          + ("; the sanity checks" if checks_todo else ""))
+    compute_runs(plan, ev, tr, keys, todo, inputs, found)
+    if checks_todo:
+        plan.store.put_checks(sanity_key(plan, tr), inputs, sanity_checks(plan, ev, keys, found))
     return found
 
 
-def _say_and_save_examples(plan: Plan, ev: Evaluator, evaluation, clean) -> None:
+def compute_runs(plan: Plan, ev: Evaluator, tr: str, keys: list, todo: list, inputs: dict, found: dict) -> None:
+    """Compute the runs of ``todo``; each is saved at once with its budget measure, examples and rows."""
+    keep = _choose_examples(ev, plan.args.save_examples)
+    attacks_todo = [k for k, _ in todo if k["attack"] != CLEAN]
+    clean = ev.run(CLEAN, 0.0, keep=keep) if len(attacks_todo) < len(todo) or (keep and attacks_todo) else None
+    for k, _ in todo:
+        evaluation = clean if k["attack"] == CLEAN else ev.run(k["attack"], k["eps"], keep=keep)
+        extra = {"versions": versions()}
+        if k["attack"] != CLEAN:
+            extra["budget"] = budget_measure(evaluation)
+            extra.update(_say_and_save_examples(plan, ev, evaluation, clean))
+        plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, ev.model.class_names, extra)
+        found[report.row_key(k)] = evaluation.counts
+        plan.store.replace_model(identity(keys[0]), *figures(plan, tr, found))
+        plan.store.save()  # the rows of what finished: readable after an interruption
+
+
+def _say_and_save_examples(plan: Plan, ev: Evaluator, evaluation, clean) -> dict:
+    """Print the run's figures; save its examples. Returns what the store records about them."""
     s = summarize(evaluation.counts, plan.settings.convention)
     print(f"  {ev.model.label} {evaluation.attack:9} eps={evaluation.eps:<8g} ADI {100 * s['adi'][MEAN]:6.2f}  "
           f"TVDI {100 * s['tvdi'][MEAN]:6.2f}  3D Dice {100 * s['dice3d'][MEAN]:6.2f}  ({evaluation.seconds:.1f} s)")
-    if evaluation.examples:
-        clean_pred = {ex.ref: ex.pred for ex in clean.examples}
-        for ex in evaluation.examples:
-            ex.pred_clean = clean_pred.get(ex.ref)
-        sub = plan.out / "examples" / ev.model.label / f"{evaluation.attack}_eps{evaluation.eps:g}"
-        report.save_examples(sub, evaluation.examples, ev.model.configuration_manager.spacing)
+    if not evaluation.examples:
+        return {}
+    clean_pred = {ex.ref: ex.pred for ex in clean.examples}
+    for ex in evaluation.examples:
+        ex.pred_clean = clean_pred.get(ex.ref)
+    model = folder_name(identity(common_key(plan, ev.model.trainer)))
+    rel = Path("examples") / model / f"{evaluation.attack}_eps{evaluation.eps:g}"
+    report.save_examples(plan.out / rel, evaluation.examples, ev.model.configuration_manager.spacing)
+    return {"examples": {"n": plan.args.save_examples, "folder": rel.as_posix()}}
 
 
 # ------------------------------------------------------------------------------------- sanity
@@ -198,25 +241,47 @@ def middle_eps(eps_list: list) -> float | None:
     return pos[len(pos) // 2] if pos else None
 
 
-def sanity_checks(plan: Plan, ev: Evaluator, keys: list[dict], found: dict, clean, computed: dict) -> list[dict]:
-    """The runs computed now stay in their eps-ball and off padding; eps = 0 reproduces clean; a huge eps
-    breaks a standard model; at the middle eps: 5x the steps do not find much lower Dice, random noise
-    and a gradient-free search are weaker than the worst case (see :mod:`.sanity`). In ``--adi``'s convention."""
-    checks = [check_budget(ev, runs) for runs in computed.values()]
+def sanity_key(plan: Plan, tr: str) -> dict:
+    """What defines model ``tr``'s sanity checks besides its inputs: the model, the test data, the attacks,
+    the noise levels and every attack setting (the checks run the attacks and compare with their results)."""
+    return {**common_key(plan, tr), "checks": "sanity", "attacks": list(plan.attacks), "eps": list(plan.eps_list),
+            **asdict(plan.settings)}
+
+
+def sanity_checks(plan: Plan, ev: Evaluator, keys: list[dict], found: dict) -> list[dict]:
+    """eps = 0 reproduces clean; a huge eps breaks a standard model; at the middle eps: 5x the steps do not
+    find much lower Dice, random noise and a gradient-free search are weaker than the worst case (see
+    :mod:`.sanity`). In ``--adi``'s convention. The strength checks of a model whose clean ADI is already near
+    0 could not fail: they are reported as vacuous instead of run."""
+    clean = found[report.row_key(keys[0])]
     # each attack at eps 0, run through its own steps (the reported eps-0 rows skip them: the 0-ball holds x)
-    checks += [check_eps0(ev, a, clean) for a in plan.attacks]
-    checks.append(check_large_eps(ev, clean))
+    checks = [check_eps0(ev, a, clean) for a in plan.attacks]
     mid = middle_eps(plan.eps_list)
-    if mid is None:
-        return checks
     at_mid = {k["attack"]: found[report.row_key(k)] for k in keys if k["eps"] == mid and k["attack"] != CLEAN}
     conv = plan.settings.convention
-    strongest = min(at_mid, key=lambda a: adi(at_mid[a], conv)[MEAN])
-    whitebox = worst_counts(clean.counts, list(at_mid.values()), conv)[0]
-    checks.append(check_more_steps(ev, strongest, mid, at_mid[strongest]))
-    checks.append(check_noise(ev, mid, whitebox))
-    checks.append(check_gradient_free(ev, mid, whitebox))
+    strongest = min(at_mid, key=lambda a: adi(at_mid[a], conv)[MEAN]) if at_mid else None
+    names = ["large_eps_near_zero"] + ([f"more_steps[{strongest}]", "noise_weaker", "gradient_free_weaker"]
+                                       if strongest else [])
+    vacuous = vacuous_reason(ev, clean)
+    if vacuous:
+        return checks + vacuous_checks(ev.model.label, names, vacuous)
+    checks.append(check_large_eps(ev, clean))
+    if strongest:
+        whitebox = worst_counts(clean, list(at_mid.values()), conv)[0]
+        checks += [check_more_steps(ev, strongest, mid, at_mid[strongest]), check_noise(ev, mid, whitebox),
+                   check_gradient_free(ev, mid, whitebox)]
     return checks
+
+
+def model_checks(plan: Plan, tr: str, rows: list[dict]) -> list[dict]:
+    """What is printed for model ``tr``: its stored sanity checks (when made from these inputs and settings),
+    the budget check of every stored run of each attack, the monotonicity checks of its rows."""
+    stored, _ = plan.store.lookup_checks(sanity_key(plan, tr), inputs_of(plan, tr))
+    keys = run_keys(plan, tr)
+    budgets = [budget_check(tr, plan.settings.norm, a, [plan.store.run_of(k) for k in keys if k["attack"] == a])
+               for a in plan.attacks]
+    ident = {k: v for k, v in common_key(plan, tr).items() if k not in ("source", "max_samples")}
+    return [{**c, **ident, "model": tr} for c in (stored or []) + budgets + monotonicity_checks(rows)]
 
 
 # ------------------------------------------------------------------------------------- publish
@@ -226,20 +291,24 @@ def _classes(plan: Plan, key: dict) -> dict:
 
 
 def figures(plan: Plan, tr: str, found: dict) -> tuple[list[dict], list[dict]]:
-    """Rows and per-case rows of model ``tr`` from the counts (this run's ADI convention), with the
-    "worst" group when asked: per sample the lowest Dice over clean and every attack at that eps."""
+    """Rows and per-case rows of model ``tr`` from the counts of ``found`` (this run's ADI convention; the
+    runs not found yet are left out), with the "worst" group when asked and complete at an eps: per
+    sample the lowest Dice over clean and every attack at that eps."""
     conv = plan.settings.convention
-    keys = run_keys(plan, tr)
+    keys = [k for k in run_keys(plan, tr) if report.row_key(k) in found]
+    if not keys or keys[0]["attack"] != CLEAN:
+        return [], []
     classes = _classes(plan, keys[0])
     items = [(k, found[report.row_key(k)], plan.store.run_of(k)["seconds"]) for k in keys]
     clean = items[0][1]
-    if plan.worst:
-        for e in plan.eps_list:
-            group = [(k, c, t) for k, c, t in items if k["attack"] != CLEAN and k["eps"] == e]
-            counts, _ = worst_counts(clean, [c for _, c, _ in group], conv)
-            key = {**group[0][0], "attack": WORST, "steps": 0, "iterate": "-",
-                   "worst_of": ",".join([CLEAN] + [k["attack"] for k, _, _ in group])}
-            items.append((key, counts, sum(t for _, _, t in group)))
+    for e in plan.eps_list if plan.worst else []:
+        group = [(k, c, t) for k, c, t in items if k["attack"] != CLEAN and k["eps"] == e]
+        if len(group) < len(plan.attacks):
+            continue
+        counts, _ = worst_counts(clean, [c for _, c, _ in group], conv)
+        key = {**group[0][0], "attack": WORST, "steps": 0, "iterate": "-",
+               "worst_of": ",".join([CLEAN] + [k["attack"] for k, _, _ in group])}
+        items.append((key, counts, sum(t for _, _, t in group)))
     rows, per_case = [], []
     for k, counts, seconds in items:
         s = summarize(counts, conv)
@@ -250,26 +319,24 @@ def figures(plan: Plan, tr: str, found: dict) -> tuple[list[dict], list[dict]]:
 
 def publish(plan: Plan, results: dict) -> None:
     """Figures of the selection (plus rows of models not touched), checks, files, tables, plot."""
-    store, models = plan.store, list(results)
-    rows, per_case = [], []
+    store = plan.store
+    idents = [identity(common_key(plan, tr)) for tr in results]
+    rows, checks = [], []
     for tr, found in results.items():
         r, p = figures(plan, tr, found)
+        store.replace_model(identity(common_key(plan, tr)), r, p)
         rows += r
-        per_case += p
-    mono = monotonicity_checks(rows)
-    store.rows = [r for r in store.rows if r["model"] not in models] + rows
-    store.per_case = [p for p in store.per_case if p["model"] not in models] + per_case
-    kept = [c for c in store.checks_on_disk if c["model"] not in models]
-    store.checks = kept + [c for c in store.checks if c["model"] in models] + mono
-    store.save()
+        checks += model_checks(plan, tr, r)
+    store.checks = [c for c in store.checks_on_disk if not any(same_model(c, i) for i in idents)] + checks
+    store.save()  # names every model (the rows and checks printed below are these objects)
     print()
     for metric in ("adi", "tvdi", "dice3d"):
         print(report.table(rows, metric))
         print()
     print(f"ADI convention: {plan.settings.convention} (the paper's tables used the authors' code: --adi paper)")
-    checks = [c for c in store.checks if c["model"] in models]
-    if checks:
-        print("Sanity checks:")
-        print(report.format_checks(checks))
+    print("Sanity checks:")
+    print(report.format_checks(checks))
+    if plan.args.no_sanity and not any(c["check"].startswith("eps0") for c in checks):
+        print("(the attack-strength checks were not run: --no-sanity; a run without it computes them once)")
     png = report.plot(rows, plan.out / "robustness.png")
     print(f"\nwrote {plan.out / 'results.csv'}, {store.json_path}, {png}")

@@ -6,6 +6,8 @@ A finished (model, attack, eps) result is reused by a rerun only when its *input
   model can have the same size, a copy (``cp``, ``rsync -t``) can keep the mtime of different
   content, and a plain copy of the same file changes the mtime without changing the model. Hashing
   costs about a second per 500 MB, nothing beside an attack run.
+* ``plans``: SHA-256 of the model folder's ``plans.json`` and ``dataset.json`` (the network's layout and
+  the preprocessing of raw test cases are read from them, not from the checkpoint).
 * ``images`` / ``labels``: SHA-256 over the sorted file list and each file's content hash: the raw
   folders (``-i`` / ``-l``), or for the fold's validation cases ``splits_final.json`` plus the
   preprocessed files of those cases (images and labels live in the same files there).
@@ -87,8 +89,10 @@ def data_inputs(source: str, images, labels, preprocessed: Path | None, data_ide
 def describe_changes(old: dict, new: dict) -> str:
     """Which inputs differ, in words: "the checkpoint changed, the labels changed"."""
     words = {"checkpoint": "the checkpoint changed", "images": "the images changed", "labels": "the labels changed",
+             "plans": "the model's plans.json or dataset.json changed",
              "code": f"the code version changed ({old.get('code')} -> {new.get('code')})"}
-    diff = [words.get(k, f"{k} changed") for k in new if old.get(k) != new.get(k)]
+    diff = [words.get(k, f"{k} changed") if k in old else f"the {k} fingerprint was not recorded (a result of an earlier version)"
+            for k in new if old.get(k) != new.get(k)]
     if new.get("images") == new.get("labels") and "the images changed" in diff and "the labels changed" in diff:
         diff.remove("the images changed")
         diff[diff.index("the labels changed")] = "the test data changed"

@@ -13,9 +13,19 @@
   Dice (class "mean" = over foreground classes), for the last run's selection plus the rows of models
   it did not touch. ``attack`` "worst" = per sample the lowest Dice over clean and the attacks at that eps.
 
-Files are rewritten atomically (fsync) after every finished (model, attack, eps), so an interrupted
-run loses at most the noise level in progress. A results file that cannot be read is renamed aside
-(``results.json.damaged``) and its rows recomputed; nothing is created before the first result.
+* ``sanity``: the attack-strength sanity checks of each model and selection, stored like runs (the
+  settings that define them, the inputs that produced them) and reused on the same terms; ``checks``
+  holds what the last run printed: those, the budget check of every stored run and the monotonicity checks.
+* a row is named by everything that tells models apart (:mod:`.naming`): ``trainer`` holds the trainer,
+  ``model`` the trainer alone or with its plans / configuration / fold / checkpoint when the folder holds
+  several models of one trainer. ``norm`` is the norm the row's eps is measured in (also on clean rows).
+
+Files are rewritten atomically (fsync) after every finished (model, attack, eps), rows included, so an
+interrupted run loses at most the noise level in progress and :func:`read_table` reads what finished.
+``results.json`` is read by one reader (:mod:`.results_file`): a file that cannot be used is renamed aside
+(``results.json.damaged``) and its rows recomputed, an entry with the wrong structure is left out with a
+message; files are read, renamed and removed inside the output folder only. Nothing is created before
+the first result.
 """
 from __future__ import annotations
 
@@ -28,14 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ima.eps_scale import NORM_NAMES
 from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
 from nnunet_ima.ui import pyplot
 
 from .metrics import DEFAULT_ADI, MEAN, Counts, sample_dice, worst_counts
+from .naming import identity, name_models, trainer_of
+from .results_file import ResultsFileError, _row_problem, inside, read_results
 
 RESULTS_VERSION = 2
 FIELDS = ["model", "attack", "eps", "class", "class_id", "adi", "tvdi", "dice3d", "n_samples", "n_empty",
-          "adi_convention", "norm", "loss", "steps", "iterate", "worst_of", "seed", "batch_size", "dataset",
+          "adi_convention", "norm", "loss", "steps", "iterate", "worst_of", "seed", "batch_size", "trainer", "dataset",
           "configuration", "plans", "fold", "checkpoint", "source", "max_samples", "seconds"]
 # settings that define a run (besides its inputs): a rerun reuses a finished run only if all of these match
 # ("iterate": "final", or "best-<ADI convention>" for a run that keeps each sample's lowest-Dice iterate)
@@ -45,6 +58,16 @@ KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "iterate", "see
 
 def row_key(row: dict) -> str:
     return json.dumps([str(row.get(k)) for k in KEY_FIELDS])
+
+
+def run_key_of(row: dict) -> str:
+    """The :func:`row_key` of the run a row was computed from (a row's ``model`` is its name, the run's its trainer)."""
+    return row_key({**row, "model": trainer_of(row)})
+
+
+def entry_key(key: dict) -> str:
+    """The store's key of a sanity-check entry: every field of ``key``."""
+    return json.dumps(key, sort_keys=True, default=str)
 
 
 def make_rows(base: dict, summary: dict, class_names: dict, seconds: float) -> list[dict]:
@@ -59,7 +82,8 @@ def make_rows(base: dict, summary: dict, class_names: dict, seconds: float) -> l
 
 
 def _aside(path: Path, tag: str) -> Path:
-    """Rename ``path`` to ``path.<tag>`` (``.<tag>.1``, ... if taken); returns the new name."""
+    """Rename ``path`` to ``path.<tag>`` (``.<tag>.1``, ... if taken); returns the new name. Only ever
+    called on paths inside the output folder (:func:`~.results_file.inside`)."""
     target, i = path.with_name(f"{path.name}.{tag}"), 0
     while target.exists():
         i += 1
@@ -69,42 +93,44 @@ def _aside(path: Path, tag: str) -> Path:
 
 
 class ResultStore:
-    """The output folder's results: runs (with their per-sample counts), rows, checks.
+    """The output folder's results: runs (with their per-sample counts), sanity checks, rows, checks.
 
     Nothing is written (not even the folder) before the first :meth:`put` or :meth:`save`.
-    ``messages``: what loading had to say (a damaged or old results file set aside).
+    ``messages``: what loading had to say (a damaged or old results file set aside, entries left out).
+    ``finished``: results computed and saved by this process.
     """
 
     def __init__(self, out: Path, overwrite: bool = False):
         self.out = Path(out)
         self.json_path = self.out / "results.json"
         self.runs: dict[str, dict] = {}
+        self.sanity: dict[str, dict] = {}
         self.rows, self.per_case, self.checks, self.checks_on_disk = [], [], [], []
         self.messages: list[str] = []
+        self.finished = 0
         if self.json_path.is_file() and not overwrite:
             self._load()
 
     def _load(self) -> None:
         try:
-            data = json.loads(self.json_path.read_text())
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
+            parsed = read_results(self.out)
+        except ResultsFileError as e:
             moved = _aside(self.json_path, "damaged")
-            self.messages.append(f"{self.json_path} is damaged ({e.__class__.__name__}: {str(e)[:80]}); kept as "
-                                 f"{moved.name}, its results are recomputed")
+            self.messages.append(f"{e}; kept as {moved.name}, its results are recomputed")
             return
-        if data.get("version") != RESULTS_VERSION or "runs" not in data:
+        if parsed.version != RESULTS_VERSION:
             moved = _aside(self.json_path, "old")
             self.messages.append(f"{self.json_path} was written by an older version (no record of the checkpoint "
                                  f"and data behind each row); kept as {moved.name}, its results are recomputed")
             return
-        self.runs = {row_key(r["key"]): r for r in data["runs"]}
-        self.rows, self.per_case = data.get("rows", []), data.get("per_case", [])
-        self.checks_on_disk = data.get("checks", [])
+        self.messages += parsed.problems
+        self.runs = {row_key(r["key"]): r for r in parsed.runs}
+        self.sanity = {entry_key(e["key"]): e for e in parsed.sanity}
+        self.rows, self.per_case, self.checks_on_disk = parsed.rows, parsed.per_case, parsed.checks
 
-    def lookup(self, key: dict, inputs: dict) -> tuple[Counts | None, str]:
-        """The stored counts of ``key`` if its inputs are ``inputs``; else (None, why it is computed)."""
+    def lookup(self, key: dict, inputs: dict, examples: int = 0) -> tuple[Counts | None, str]:
+        """The stored counts of ``key`` if its inputs are ``inputs`` (and, with ``examples`` > 0, that many
+        examples were saved with it); else (None, why it is computed)."""
         run = self.runs.get(row_key(key))
         if run is None:
             return None, "new"
@@ -112,7 +138,11 @@ class ResultStore:
             from .provenance import describe_changes
 
             return None, describe_changes(run["inputs"], inputs)
-        path = self.out / run["samples"]
+        saved = run.get("examples") or {}
+        folder = inside(self.out, saved.get("folder"))
+        if examples and (saved.get("n") != examples or folder is None or not folder.is_dir()):
+            return None, f"--save-examples {examples}: its examples are not saved yet"
+        path = inside(self.out, run["samples"])
         try:
             with np.load(path, allow_pickle=False) as z:
                 return Counts(z["tp"], z["fp"], z["fn"], [str(c) for c in z["cases"]]), "reused"
@@ -135,16 +165,41 @@ class ResultStore:
         with atomic_write(self.out / rel, "wb") as f:
             f.write(buf.getvalue())
         old = self.runs.get(row_key(key))
-        if old is not None and old["samples"] != rel and (self.out / old["samples"]).is_file():
-            (self.out / old["samples"]).unlink()
+        stale = inside(self.out, old["samples"]) if old is not None and old["samples"] != rel else None
+        if stale is not None and stale.is_file():
+            stale.unlink()
         self.runs[row_key(key)] = {"key": key, "inputs": inputs, "samples": rel, "seconds": round(seconds, 3),
                                    "classes": {str(k): v for k, v in classes.items()}, **extra}
+        self.finished += 1
         self.save()
 
+    def lookup_checks(self, key: dict, inputs: dict) -> tuple[list | None, str]:
+        """The stored sanity checks of ``key`` if they were made from ``inputs``; else (None, why not)."""
+        entry = self.sanity.get(entry_key(key))
+        if entry is None:
+            return None, "new"
+        if entry["inputs"] != inputs:
+            from .provenance import describe_changes
+
+            return None, describe_changes(entry["inputs"], inputs)
+        return entry["checks"], "reused"
+
+    def put_checks(self, key: dict, inputs: dict, checks: list[dict]) -> None:
+        """Record the sanity checks ``key`` made from ``inputs`` (and save)."""
+        self.sanity[entry_key(key)] = {"key": key, "inputs": inputs, "checks": checks}
+        self.save()
+
+    def replace_model(self, ident: tuple, rows: list, per_case: list) -> None:
+        """The rows and per-case rows of model ``ident`` (:func:`~.naming.identity`) become ``rows``, ``per_case``."""
+        self.rows = [r for r in self.rows if identity(r) != ident] + rows
+        self.per_case = [p for p in self.per_case if identity(p) != ident] + per_case
+
     def save(self) -> None:
+        """Write results.json and results.csv (atomically), every model named (:func:`~.naming.name_models`)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        name_models(self.rows, self.per_case, self.checks)
         payload = {"version": RESULTS_VERSION, "runs": list(self.runs.values()), "rows": self.rows,
-                   "per_case": self.per_case, "checks": self.checks}
+                   "per_case": self.per_case, "checks": self.checks, "sanity": list(self.sanity.values())}
         atomic_write_text(self.json_path, json.dumps(to_plain(payload, for_json=True), indent=1))
         out = io.StringIO()
         w = csv.writer(out)
@@ -156,22 +211,25 @@ class ResultStore:
 def read_table(out_dir) -> list[dict]:
     """The result rows of an ``nnunet-ima-attack`` output folder, typed, for other tools (the demo's verdict).
 
-    One dict per (model, attack, eps, class) with at least ``model`` (str), ``attack`` (str: "clean",
-    an attack name, or "worst"), ``eps`` (float), ``class`` (str; "mean" = over foreground classes),
-    ``adi``, ``tvdi``, ``dice3d`` (float, 0..1, NaN where undefined), plus every other column the
-    run wrote (norm, loss, steps, n_samples, adi_convention, ...). Read from ``results.json``; from
-    ``results.csv`` when the JSON is missing or unreadable; ``[]`` when the folder has neither.
+    One dict per (model, attack, eps, class) with at least ``model`` (str: the model's name, the trainer
+    unless the folder holds several models of one trainer, see :mod:`.naming`), ``trainer``, ``attack``
+    (str: "clean", an attack name, or "worst"), ``eps`` (float), ``class`` (str; "mean" = over foreground
+    classes), ``adi``, ``tvdi``, ``dice3d`` (float, 0..1, NaN where undefined), ``norm``, plus every other
+    column the run wrote (loss, steps, n_samples, adi_convention, ...). Read from ``results.json``; from
+    ``results.csv`` when the JSON is missing or unusable; ``[]`` when the folder has neither. Entries with
+    the wrong structure are left out.
     """
     out = Path(out_dir)
     try:
-        rows = json.loads((out / "results.json").read_text()).get("rows", [])
-    except (OSError, ValueError, AttributeError):
-        rows = None
+        parsed = read_results(out)
+    except ResultsFileError:
+        parsed = None
+    rows = parsed.rows if parsed is not None else None
     if rows is None:
         if not (out / "results.csv").is_file():
             return []
         with open(out / "results.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
+            rows = [r for r in csv.DictReader(f) if _row_problem(r) is None]
     return [_typed(r) for r in rows]
 
 
@@ -179,7 +237,8 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
     """Per-sample Dice behind each ADI of an ``nnunet-ima-attack`` output folder, for paired statistics
     across models (e.g. a bootstrap over test samples).
 
-    Returns {(model, attack, eps): (cases, dice)} for every row of class "mean" in ``results.json``:
+    Returns {(model, attack, eps): (cases, dice)} for every row of class "mean" in ``results.json``
+    (``model``: the row's name, see :func:`read_table`):
     ``dice`` (N,) float64, each sample's Dice over the foreground classes in the row's ADI convention
     (:func:`~.metrics.sample_dice`; NaN for the samples the "paper" convention skips), ``cases`` the
     case id of each sample. Samples are in the evaluation's order, so two models evaluated on the
@@ -190,13 +249,14 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
     """
     out = Path(out_dir)
     try:
-        data = json.loads((out / "results.json").read_text())
-        runs = {row_key(r["key"]): r for r in data["runs"]}
-        rows = [r for r in data["rows"] if str(r["class"]) == MEAN]
-    except (OSError, ValueError, KeyError, TypeError):
+        parsed = read_results(out)
+    except ResultsFileError:
         return {}
-    by_name = {(r["model"], r["attack"], float(r["eps"])): r for r in rows}
-    counts = {name: _run_counts(out, runs[row_key(r)]) for name, r in by_name.items() if row_key(r) in runs}
+    if parsed is None:
+        return {}
+    runs = {row_key(r["key"]): r for r in parsed.runs}
+    by_name = {(r["model"], r["attack"], float(r["eps"])): r for r in parsed.rows if r["class"] == MEAN}
+    counts = {name: _run_counts(out, runs[run_key_of(r)]) for name, r in by_name.items() if run_key_of(r) in runs}
     result = {}
     for (model, attack, eps), r in by_name.items():
         conv = r.get("adi_convention") or DEFAULT_ADI
@@ -214,9 +274,9 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
 def _run_counts(out: Path, run: dict) -> Counts | None:
     """The per-sample counts of one run entry (None when its file is missing or unreadable)."""
     try:
-        with np.load(out / run["samples"], allow_pickle=False) as z:
+        with np.load(inside(out, run["samples"]), allow_pickle=False) as z:
             return Counts(z["tp"], z["fp"], z["fn"], [str(c) for c in z["cases"]])
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, TypeError):
         return None
 
 
@@ -251,6 +311,12 @@ def attack_order(rows: list[dict]) -> list[str]:
     return first + [a for a in seen if a not in first and a != "worst"] + (["worst"] if "worst" in seen else [])
 
 
+def norm_note(rows: list[dict]) -> str:
+    """", L2 norm" (the norm the rows' eps are measured in; several joined by "/"), "" when none is recorded."""
+    norms = sorted({str(r.get("norm")) for r in rows if r.get("norm") not in (None, "", "-")})
+    return f", {'/'.join(NORM_NAMES.get(n, n) for n in norms)} norm" if norms else ""
+
+
 def table(rows: list[dict], metric: str = "adi", cls: str = MEAN) -> str:
     """The papers' layout (Tables 6-8): rows = models, columns = clean ("S. Dice"), P. eps..., IF. eps...,
     then any other attack and the "worst" group (W. eps), in percent with two decimals."""
@@ -266,7 +332,7 @@ def table(rows: list[dict], metric: str = "adi", cls: str = MEAN) -> str:
     head = "Methods".ljust(width) + "".join(f"  {n:>{cw}}" for n in names)
     conv = {r.get("adi_convention") for r in sel if r.get("adi_convention")}
     note = f" ({'/'.join(sorted(conv))} convention)" if metric == "adi" and conv else ""
-    lines = [f"{metric.upper()} (%), class {cls}{note}", head]
+    lines = [f"{metric.upper()} (%), class {cls}{norm_note(sel)}{note}", head]
     for m in models:
         vals = [lookup.get((m, a, e)) for a, e in cols]
         lines.append(m.ljust(width) + "".join(f"  {'-' if v is None else f'{100 * v:.2f}':>{cw}}" for v in vals))
@@ -297,7 +363,7 @@ def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
                     pts = [(0.0, clean[0][key])] + pts
                 ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colors[m],
                         label=f"{m} {attack.upper()}", linewidth=2.5 if attack == "worst" else 1.2)
-        ax.set_xlabel("eps (noise level)")
+        ax.set_xlabel(f"eps (noise level{norm_note(sel)})")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title)
         ax.set_ylim(-2, 102)

@@ -1,19 +1,24 @@
 """Sanity checks of ``nnunet-ima-attack`` (AutoAttack's, each failure with what it suggests).
 
 Every figure a check prints is in the run's ADI convention (``--adi``). Each check returns one dict
-``{"model", "check", "status": "ok" | "warning", "message"}``; the messages name the defect a failure
-points to.
+``{"model", "check", "status": "ok" | "warning" | "vacuous" | "unknown", "message"}``; the messages name
+the defect a failure points to. The checks are results like any other: the pipeline stores them with
+what produced them, computes them when missing and prints them from the store on every run.
 
-* :func:`check_budget` (every attack run computed now): each returned point lies in its eps-ball and
-  puts nothing on padding. Fails for a broken projection or step (the figures would be for a larger
-  eps than reported), or a perturbation that spends budget on padding the network never sees (the
-  attack is weaker than its eps says: the figures overstate robustness).
+* :func:`check_budget` / :func:`budget_check` (every stored attack run, from the :func:`budget_measure`
+  saved with it): each returned point lies in its eps-ball and puts nothing on padding. Fails for a
+  broken projection or step (the figures would be for a larger eps than reported), or a perturbation
+  that spends budget on padding the network never sees (the attack is weaker than its eps says: the
+  figures overstate robustness).
 * :func:`check_eps0`: the attack run through its steps at eps 0 reproduces the clean per-sample Dice
   (an attack that ignores eps, or a non-deterministic model).
 * :func:`check_large_eps`: IFGSM at a huge eps drives a standard model near 0 (else masked gradients?).
 * :func:`check_more_steps`, :func:`check_noise`, :func:`check_gradient_free`: at the middle eps, 5x the
   steps, random noise and a gradient-free search must not find clearly lower Dice than the attacks.
 * :func:`monotonicity_checks`: figures do not rise with eps.
+* :func:`vacuous_reason`: a model whose clean ADI is already near 0 (e.g. untrained) cannot be pushed
+  lower, so the strength checks (large eps, more steps, noise, gradient-free) would pass whatever the
+  attack does: they are reported with status "vacuous" (:func:`vacuous_checks`), not as passed.
 """
 from __future__ import annotations
 
@@ -28,30 +33,42 @@ from .runner import CLEAN, Evaluation, Evaluator
 
 CHECK_SAMPLES = 4  # slices (2d) / patches (3d) the attack-strength sanity checks run on
 BUDGET_RTOL = 1e-4  # float32 projections land within this of eps
+VACUOUS_ADI = 0.1  # a clean ADI below this leaves the attacks nothing to lower: the strength checks say nothing
 
 
 def check(model: str, name: str, ok: bool, message: str) -> dict:
     return {"model": model, "check": name, "status": "ok" if ok else "warning", "message": message}
 
 
+def _counts(clean) -> Counts:
+    """The clean counts, given as an :class:`Evaluation` or as its :class:`Counts`."""
+    return getattr(clean, "counts", clean)
+
+
 def _adi(ev: Evaluator, counts: Counts) -> float:
     return adi(counts, ev.settings.convention)["mean"]
 
 
-def check_budget(ev: Evaluator, runs: list[Evaluation]) -> dict:
-    """Every point an attack returned (``runs``: its evaluations at each eps, computed now) lies in its
-    eps-ball, and none of its perturbation lies on padding."""
-    attack = runs[0].attack
-    over, pad, n = [], [], 0
-    for r in runs:
-        n += r.distance.size
-        bound = r.eps * (1 + BUDGET_RTOL) + 1e-6
-        if r.distance.size and float(r.distance.max()) > bound:
-            over.append(f"eps={r.eps:g}: {int((r.distance > bound).sum())} samples, largest {float(r.distance.max()):.4g}")
-        if r.on_pad.size and float(r.on_pad.max()) > 1e-6:
-            pad.append(f"eps={r.eps:g}: {int((r.on_pad > 1e-6).sum())} samples, up to {float(r.on_pad.max()):.3g}")
-    norm = ev.settings.norm.upper()
-    msg = f"{attack}: every returned point of {n} lies in its {norm} eps-ball, nothing on padding"
+def budget_measure(run: Evaluation) -> dict:
+    """What the budget check needs of one attack run, stored with it: the samples, those beyond the
+    eps-ball and with perturbation on padding, and the largest of each."""
+    bound = run.eps * (1 + BUDGET_RTOL) + 1e-6
+    dist, pad = run.distance, run.on_pad
+    return {"eps": run.eps, "n": int(dist.size), "over": int((dist > bound).sum()),
+            "max_distance": float(dist.max()) if dist.size else 0.0,
+            "on_pad": int((pad > 1e-6).sum()), "max_on_pad": float(pad.max()) if pad.size else 0.0}
+
+
+def budget_check(model: str, norm: str, attack: str, runs: list) -> dict:
+    """The budget check of ``attack`` from its runs' stored :func:`budget_measure` (``runs``: store entries
+    with a "budget", or measures themselves); runs computed before the measure was stored are named."""
+    measures = [r.get("budget", r) if isinstance(r, dict) else None for r in runs]
+    known = [m for m in measures if m and "n" in m]
+    unknown = len(measures) - len(known)
+    over = [f"eps={m['eps']:g}: {m['over']} samples, largest {m['max_distance']:.4g}" for m in known if m["over"]]
+    pad = [f"eps={m['eps']:g}: {m['on_pad']} samples, up to {m['max_on_pad']:.3g}" for m in known if m["on_pad"]]
+    n = sum(m["n"] for m in known)
+    msg = f"{attack}: every returned point of {n} lies in its {norm.upper()} eps-ball, nothing on padding"
     if over:
         msg = (f"{attack}: perturbation beyond eps ({'; '.join(over)}): the projection or the step is broken, the "
                f"figures are for a larger eps than reported")
@@ -59,18 +76,30 @@ def check_budget(ev: Evaluator, runs: list[Evaluation]) -> dict:
         msg = (f"{msg}; " if over else f"{attack}: ") + (
             f"perturbation on padding ({'; '.join(pad)}): the budget is partly spent where the network sees zeros "
             f"(a random start or step that ignores the padding mask), so the figures overstate robustness")
-    return check(ev.model.label, f"budget[{attack}]", not (over or pad), msg)
+    if unknown:
+        msg += f" ({unknown} earlier result(s) carry no budget record: --overwrite measures them)"
+    result = check(model, f"budget[{attack}]", not (over or pad), msg)
+    if not known:
+        result["status"] = "unknown"
+    return result
 
 
-def check_eps0(ev: Evaluator, attack: str, clean: Evaluation, n_batches: int = 2) -> dict:
-    """The attack path at eps = 0 must reproduce the clean per-sample Dice exactly."""
+def check_budget(ev: Evaluator, runs: list[Evaluation]) -> dict:
+    """Every point an attack returned (``runs``: its evaluations at each eps) lies in its eps-ball, and none
+    of its perturbation lies on padding."""
+    return budget_check(ev.model.label, ev.settings.norm, runs[0].attack, [budget_measure(r) for r in runs])
+
+
+def check_eps0(ev: Evaluator, attack: str, clean, n_batches: int = 2) -> dict:
+    """The attack path at eps = 0 must reproduce the clean per-sample Dice exactly (``clean``: the clean
+    :class:`Evaluation` or its counts)."""
     sub = ev.batches[:n_batches]
     n = sum(len(b.refs) for b in sub)
     steps = min(2, max(ev.settings.steps(attack), 1))
     # through the attack itself: run()'s eps-0 short cut would compare clean with clean
     at0 = ev.run(attack, 0.0, batches=sub, custom=lambda b, y, eps, gen: ev.attack(attack, b, y, eps, steps, gen))
     conv = ev.settings.convention
-    diff = float(np.max(np.abs(sample_dice_of(at0.counts, conv) - sample_dice_of(clean.counts.head(n), conv)))) \
+    diff = float(np.max(np.abs(sample_dice_of(at0.counts, conv) - sample_dice_of(_counts(clean).head(n), conv)))) \
         if n else 0.0
     ok = diff <= 1e-9
     return check(ev.model.label, f"eps0_equals_clean[{attack}]", ok,
@@ -86,11 +115,11 @@ def large_eps(ev: Evaluator) -> float:
     return 10.0 * math.sqrt(numel) if ev.settings.norm == "l2" else 10.0
 
 
-def check_large_eps(ev: Evaluator, clean: Evaluation, n_batches: int = 2, threshold: float = 0.1) -> dict:
+def check_large_eps(ev: Evaluator, clean, n_batches: int = 2, threshold: float = 0.1) -> dict:
     """IFGSM at a huge eps should drive a standard model's ADI near 0 (else: masked gradients?)."""
     eps = large_eps(ev)
     run = ev.run("ifgsm", eps, batches=ev.batches[:n_batches])
-    v, c = _adi(ev, run.counts), _adi(ev, clean.counts)
+    v, c = _adi(ev, run.counts), _adi(ev, _counts(clean))
     ok = not v > threshold
     return check(ev.model.label, "large_eps_near_zero", ok,
                  f"IFGSM-{ev.settings.ifgsm_steps} at eps={eps:g} on {run.counts.n} samples: ADI {v:.3f} "
@@ -142,6 +171,22 @@ def check_gradient_free(ev: Evaluator, eps: float, whitebox: Counts, queries: in
                  f"eps={eps:g} on {n} samples: ADI {b:.3f} under random search ({queries} queries), {a:.3f} under "
                  f"the white-box attacks" + ("" if ok else "; the blind search wins: gradient masking (obfuscated "
                                                            "gradients); the white-box figures overstate robustness"))
+
+
+def vacuous_reason(ev: Evaluator, clean) -> str | None:
+    """Why the strength checks of this model would pass whatever the attacks do (its clean ADI is below
+    :data:`VACUOUS_ADI`: nothing left to lower), or None."""
+    v = _adi(ev, _counts(clean))
+    if v < VACUOUS_ADI:
+        return (f"clean ADI {v:.3f} (convention {ev.settings.convention}) is below {VACUOUS_ADI}: the model segments "
+                f"almost nothing, so no attack can lower its figures and this check cannot fail - vacuous, not passed "
+                f"(an untrained or broken model?)")
+    return None
+
+
+def vacuous_checks(model: str, names: list[str], reason: str) -> list[dict]:
+    """The strength checks ``names``, not run, each with status "vacuous" and ``reason``."""
+    return [{"model": model, "check": name, "status": "vacuous", "message": reason} for name in names]
 
 
 def monotonicity_checks(rows: list[dict], tol: float = 0.02) -> list[dict]:

@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from nnunet_ima.ui import UsageError, resolve_device
+from nnunet_ima.ui import UsageError, check_writable, resolve_device
 
 from .mni import DATASET_NAME
 
@@ -106,11 +106,14 @@ def check_paths(args, environ) -> None:
 
 
 def _writable_folder(path: Path, flag: str) -> None:
+    """The one output-folder check (:func:`nnunet_ima.ui.check_writable`: a probe file in an existing folder)."""
     if path.exists():
         if not path.is_dir():
             raise DemoArgumentError(flag, path, "a folder, not a file")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise DemoArgumentError(flag, path, "a folder you can write to")
+        try:
+            check_writable(path, flag)
+        except UsageError as e:
+            raise DemoArgumentError(flag, path, f"a folder you can write to ({str(e).rpartition('(')[2].rstrip(')')})") from None
         return
     parent = next(p for p in path.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):

@@ -34,8 +34,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_ima.losses import first
 from nnunet_ima.plumbing import atomic_torch_save, to_plain
 
-from .checkpoints import (SETTINGS_KEY, describe_checkpoint, read_checkpoint, state_digest, training_digest,
-                          weight_mismatches)
+from .checkpoints import (SETTINGS_KEY, bare_keys, describe_checkpoint, fitting_init_weights, read_checkpoint,
+                          refuse_unfitting, state_digest, training_digest)
 from .config import KEYS, ConfigError, IMAConfig, load_config
 from .data import sample_key_loader, seeded_augmenters
 from .local_loss import rank_local_loss
@@ -57,6 +57,10 @@ class nnUNetTrainerSTD(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         self.ima_config = self._read_config(plans, configuration, dataset_json)  # fail before any side effect
+        # init_weights must fit this network before nnU-Net makes the fold folder (a folder left by a refused run
+        # would look like a model in training to nnunet-ima-attack and to the user)
+        self._init_checkpoint = fitting_init_weights(type(self), self.ima_config.init_weights, plans, configuration,
+                                                     dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
         cfg = self.ima_config
         self.num_epochs = cfg.epochs or self.num_epochs
@@ -91,30 +95,26 @@ class nnUNetTrainerSTD(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         if self.ima_config.init_weights:
-            self.load_init_weights(self.ima_config.init_weights)
+            self.load_init_weights(self.ima_config.init_weights, self._init_checkpoint)
+            self._init_checkpoint = None
 
     def describe(self) -> str:
         """'trainer T, dataset D, configuration C, plans P' of this trainer (as in checkpoint messages)."""
         return (f"trainer {type(self).__name__}, dataset {self.plans_manager.dataset_name}, configuration "
                 f"{self.configuration_name}, plans {self.plans_manager.plans_name}")
 
-    def load_init_weights(self, path: str) -> None:
+    def load_init_weights(self, path: str, checkpoint: dict | None = None) -> None:
         """Start from every weight of an nnU-Net checkpoint of the same network (setting
         ``init_weights``), segmentation heads included: the papers start SAT and IMA from the trained
         standard model. Any nnU-Net trainer's checkpoint of the same plans and configuration works,
         stock ``nnUNetTrainer`` included (read with ``weights_only=True``, numpy scalars allowed).
         (nnU-Net's ``-pretrained_weights`` skips the heads, as it is meant for transfer between
-        datasets; a run continued with ``--c`` loads its own checkpoint after this.)"""
-        checkpoint = read_checkpoint(path, "init_weights", map_location=self.device)
+        datasets; a run continued with ``--c`` loads its own checkpoint after this.) ``checkpoint``: the file
+        already read (by ``__init__``'s check)."""
+        checkpoint = checkpoint or read_checkpoint(path, "init_weights", map_location=self.device)
         module = self._module()
         weights = bare_keys(checkpoint["network_weights"])
-        problems = weight_mismatches(module.state_dict(), weights)
-        if problems:
-            raise ConfigError(
-                f"init_weights={path}: not a checkpoint of this network. The checkpoint holds "
-                f"{describe_checkpoint(checkpoint)}; this run builds {self.describe()} ({len(problems)} mismatched "
-                f"weights, e.g. {'; '.join(problems[:3])}). Same plans, configuration and architecture needed; to "
-                "transfer between datasets use nnU-Net's -pretrained_weights instead")
+        refuse_unfitting(path, checkpoint, module.state_dict(), self.describe())
         module.load_state_dict(weights)
         self.print_to_log_file(f"initialised every weight (segmentation heads included) from {path} "
                                f"({describe_checkpoint(checkpoint)}, epoch {checkpoint.get('current_epoch', '?')})",
@@ -314,9 +314,3 @@ class nnUNetTrainerSTD(nnUNetTrainer):
         stored = state_digest({k: checkpoint[k] for k in restored if k in checkpoint})
         note = "" if stored == digest else f" (the file held digest {stored}: changed on restore, see above)"
         self.print_to_log_file(f"restored {name}: {', '.join(restored)} digest {digest}{note}")
-
-
-def bare_keys(weights: dict) -> dict:
-    """State-dict keys without the DDP ("module.") and torch.compile ("_orig_mod.") prefixes."""
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
-

@@ -38,6 +38,8 @@ def read_checkpoint(path: str, setting: str = "init_weights", map_location="cpu"
     text file, a damaged file, a pickle of other objects, a dict without ``network_weights``) is one
     :class:`ConfigError` naming ``setting`` and the path."""
     where = f"{setting}={path}"
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file")
     try:
@@ -122,3 +124,43 @@ def training_digest(checkpoint: dict) -> str:
     state = {k: v for k, v in checkpoint.items() if k not in skip}
     state["logging"] = {k: v for k, v in (checkpoint.get("logging") or {}).items() if k not in TIMESTAMPS}
     return state_digest(state)
+
+
+def bare_keys(weights: dict) -> dict:
+    """State-dict keys without the DDP ("module.") and torch.compile ("_orig_mod.") prefixes."""
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}
+
+
+def refuse_unfitting(path: str, checkpoint: dict, own: dict, builds: str) -> None:
+    """ConfigError unless the weights of ``checkpoint`` (setting init_weights=``path``) fit the state dict
+    ``own`` of the network this run builds (described as ``builds``)."""
+    problems = weight_mismatches(own, bare_keys(checkpoint["network_weights"]))
+    if problems:
+        raise ConfigError(
+            f"init_weights={path}: not a checkpoint of this network. The checkpoint holds "
+            f"{describe_checkpoint(checkpoint)}; this run builds {builds} ({len(problems)} mismatched "
+            f"weights, e.g. {'; '.join(problems[:3])}). Same plans, configuration and architecture needed; to "
+            "transfer between datasets use nnU-Net's -pretrained_weights instead")
+
+
+def fitting_init_weights(trainer_cls, path: str | None, plans: dict, configuration: str, dataset_json: dict):
+    """The checkpoint ``init_weights`` names (read on the CPU), or None when unset; ConfigError unless its
+    weights fit the network ``trainer_cls`` builds from ``plans`` (built here once with the trainer's own
+    ``build_network_architecture``), so a trainer can refuse it before nnU-Net creates its output folder.
+
+    >>> checkpoint = fitting_init_weights(nnUNetTrainerIMA, "std/checkpoint_final.pth", plans, "2d", dataset_json)
+    """
+    if not path:
+        return None
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    checkpoint = read_checkpoint(path, "init_weights", map_location="cpu")
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    net = trainer_cls.build_network_architecture(pm, cm, determine_num_input_channels(pm, cm, dataset_json),
+                                                 pm.get_label_manager(dataset_json).num_segmentation_heads, True)
+    builds = f"trainer {trainer_cls.__name__}, dataset {pm.dataset_name}, configuration {configuration}, plans " \
+             f"{pm.plans_name}"
+    refuse_unfitting(path, checkpoint, net.state_dict(), builds)
+    return checkpoint

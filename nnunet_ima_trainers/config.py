@@ -144,8 +144,9 @@ def load_config(dataset_name: str, patch_elements: int, is_2d: bool, *, trainer_
     chosen.update(_from_trainer(trainer_defaults))
     chosen.update(_from_file(environ.get(CONFIG_FILE_VAR), errors))
     chosen.update(_from_env(environ, errors))
-    if errors:
-        raise ConfigError(_message(errors))
+    # a value that did not parse is already an error: the others are still validated, so that one
+    # message names every problem (the failed key falls back to its default meanwhile)
+    chosen = {k: v for k, v in chosen.items() if v[0] is not None}
     chosen.update(_eps_defaults(dataset_name, patch_elements, is_2d, chosen))
     cfg = IMAConfig(**{k: v for k, (v, _) in chosen.items()}, sources={k: s for k, (_, s) in chosen.items()})
     _validate(cfg, errors)
@@ -189,7 +190,8 @@ def _from_file(path: str | None, errors: list[str]) -> dict:
         if not isinstance(data, dict):
             raise ValueError("expected a JSON object")
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{CONFIG_FILE_VAR}={path}: cannot read the config file ({e})") from None
+        errors.append(f"{CONFIG_FILE_VAR}={path}: cannot read the config file ({e})")
+        return {}
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
         guesses = [f"{u} -> {g}" for u in unknown if (g := closest(u, KEYS))]
@@ -232,6 +234,8 @@ def _message(errors: list[str]) -> str:
 
 def _parse(key: str, raw, where: str, errors: list[str]):
     try:
+        if isinstance(raw, bool) and key not in _STR_KEYS:  # JSON true/false is no number (int(True) == 1)
+            raise ValueError
         if key in _STR_KEYS:
             return str(raw).strip().lower()
         if key in _PATH_KEYS:
@@ -242,8 +246,6 @@ def _parse(key: str, raw, where: str, errors: list[str]):
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
             return int(str(raw).strip()) if not isinstance(raw, (int, float)) else int(raw)
-        if isinstance(raw, bool):
-            raise ValueError
         return float(raw)
     except (TypeError, ValueError):
         kind = "a string" if key in _STR_KEYS or key in _PATH_KEYS else "an integer" if key in _INT_KEYS else "a number"
@@ -304,6 +306,8 @@ _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` cannot be a PyTorch checkpoint (missing, not a file, not written by ``torch.save``),
     or None. Reads only the file's header / zip directory, not the weights."""
+    if os.path.isdir(path):
+        return f"{path} is a directory, not a checkpoint file"
     if not os.path.isfile(path):
         return f"no such file {path}"
     try:

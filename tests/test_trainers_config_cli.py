@@ -128,6 +128,31 @@ def test_init_weights_that_is_not_a_checkpoint_is_one_clear_error(tmp_path):
         assert cfg({"NNUNET_IMA_INIT_WEIGHTS": str(path)}).init_weights == str(path)
 
 
+def test_init_weights_naming_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(f"init_weights: {tmp_path} is a directory, not a checkpoint file")):
+        cfg({"NNUNET_IMA_INIT_WEIGHTS": str(tmp_path)})
+
+
+# ---------------------------------------------------------------------- several problems, JSON types (issue 24)
+def test_problems_of_every_kind_are_reported_together(tmp_path):
+    """A value that does not parse, one out of range and one in the file: one message with all three."""
+    f = tmp_path / "ima.json"
+    f.write_text(json.dumps({"dice_threshold": 3}))
+    with pytest.raises(ConfigError) as e:
+        cfg({"NNUNET_IMA_K": "abc", "NNUNET_IMA_DELTA": "-1", "NNUNET_IMA_CONFIG": str(f)})
+    text = str(e.value)
+    assert "NNUNET_IMA_K='abc' is not an integer" in text and "delta must be > 0" in text
+    assert "dice_threshold must be in (0, 1)" in text and text.count(";") == 2
+
+
+@pytest.mark.parametrize("key", ["k", "n", "epochs", "seed", "eps_max", "delta"])
+def test_json_true_is_not_a_number(tmp_path, key):
+    f = tmp_path / "ima.json"
+    f.write_text(json.dumps({key: True}))
+    with pytest.raises(ConfigError, match=re.escape(f"{f}:{key}=True is not")):
+        cfg({"NNUNET_IMA_CONFIG": str(f)})
+
+
 # ---------------------------------------------------------------------- trainer path and excepthook
 def test_register_ext_trainers_prepends_once_and_returns_the_value(monkeypatch):
     monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join(["/mine", nnunet_ima_trainers.EXT_DIR, "/other"]))

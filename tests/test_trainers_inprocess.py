@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,11 +131,15 @@ def test_init_weights_loads_every_weight_heads_included(tiny_env, monkeypatch, t
     for k, v in saved.items():
         assert torch.equal(own[k], v), k
 
-    other = make_trainer(tiny_env, nnUNetTrainerIMA, "3d_fullres")  # another network: refused, with the way out
+    # another network: refused with the way out, before the trainer makes its output folder (issue 24: a
+    # fold folder left behind would be listed by nnunet-ima-attack as a trained model)
     with pytest.raises(ConfigError, match="not a checkpoint of this network.*holds trainer nnUNetTrainerSTD, "
                        "dataset Dataset999_Tiny, configuration 2d.*builds trainer nnUNetTrainerIMA, dataset "
                        "Dataset999_Tiny, configuration 3d_fullres.*-pretrained_weights"):
-        other.initialize()
+        make_trainer(tiny_env, nnUNetTrainerIMA, "3d_fullres")
+    results = Path(os.environ["nnUNet_results"]) / tiny_env.dataset_name
+    assert (results / "nnUNetTrainerIMA__nnUNetPlans__2d" / "fold_0").is_dir()
+    assert not (results / "nnUNetTrainerIMA__nnUNetPlans__3d_fullres").exists()
     monkeypatch.setenv("NNUNET_IMA_INIT_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(ConfigError, match="init_weights: no such file"):
         make_trainer(tiny_env, nnUNetTrainerIMA)

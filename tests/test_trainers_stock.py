@@ -66,13 +66,13 @@ def test_ima_starts_from_a_stock_checkpoint_with_exactly_its_weights(stock, tiny
     ("nnUNetTrainer_evalTinyIMA", "3d_fullres", "configuration 3d_fullres"),   # another configuration
     ("nnUNetTrainerIMA", "2d", "trainer nnUNetTrainerIMA"),                    # another (wider) network
 ])
-def test_a_checkpoint_of_another_network_names_both(stock, tiny_trained_2d, monkeypatch, cls_name, configuration,
-                                                    ours):
+def test_a_checkpoint_of_another_network_names_both(stock, tiny_trained_2d, monkeypatch, tmp_path, cls_name,
+                                                    configuration, ours):
     monkeypatch.setenv("NNUNET_IMA_INIT_WEIGHTS", str(stock))
     cls = tiny_ima_class() if cls_name == "nnUNetTrainer_evalTinyIMA" else nnUNetTrainerIMA
-    trainer = build(Path(tiny_trained_2d.env["nnUNet_preprocessed"]) / "Dataset999_Tiny", cls, configuration)
-    with pytest.raises(ConfigError) as info:
-        trainer.initialize()
+    with pytest.raises(ConfigError) as info:  # refused while the trainer is built, before nnU-Net makes its folders
+        build(Path(tiny_trained_2d.env["nnUNet_preprocessed"]) / "Dataset999_Tiny", cls, configuration)
+    assert not (tmp_path / "results").exists()  # no fold folder left to look like a model (issue 24)
     msg = str(info.value)
     assert "not a checkpoint of this network" in msg and "\n" not in msg
     assert "holds trainer nnUNetTrainer_evalTiny, dataset Dataset999_Tiny, configuration 2d" in msg

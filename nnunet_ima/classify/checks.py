@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from nnunet_ima.ui import UsageError, spelling, usage_error
+from nnunet_ima.eps_scale import MAX_EPS, scale_problems
+from nnunet_ima.ui import UsageError, spelling, usage_error, warn
 
 from .datasets import has_train_test
 from .evaluate import ATTACKS
@@ -23,7 +24,7 @@ NUMBER_RULES = {
     "epochs": (lambda v: v >= 1, "an integer >= 1 (training epochs)"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "lr": (lambda v: v > 0, "a learning rate > 0"),
-    "eps_max": (lambda v: v > 0, "a training bound > 0"),
+    "eps_max": (lambda v: 0 < v < MAX_EPS, f"a training bound > 0 that float32 can hold (< {MAX_EPS:.3g})"),
     "delta": (lambda v: v > 0, "IMA's margin step > 0 (and <= --eps-max)"),
     "std_warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
     "k": (lambda v: v >= 1, "an integer >= 1 (K, PGD steps in training)"),
@@ -46,6 +47,9 @@ NUMBER_RULES = {
 FIELD_DESTS = {"eps": "eps_max", "delta": "delta", "steps": "k", "search_steps": "n", "norm": "norm",
                "ima_loss": "ima_loss", "ima_beta": "ima_beta", "ima_rule": "ima_rule", "trades_beta": "trades_beta",
                "fat_tau": "fat_tau", "mma_clean_weight": "mma_clean_weight"}
+
+
+PROG = "python -m nnunet_ima.classify"
 
 
 class ArgError(UsageError):
@@ -166,3 +170,23 @@ def check_schedule(p, specs: tuple, given_init: str | None, resolved_methods) ->
         except ValueError as err:
             field = str(err).split()[0]
             raise ArgError(f"{FIELD_FLAGS.get(field, field)}: {err}") from None
+
+
+def check_eps_scale(preset, splits) -> None:
+    """The training bound (--eps-max) and the noise levels (--eps) against the data
+    (:func:`nnunet_ima.eps_scale.scale_problems`): a warning where the size per pixel exceeds the images'
+    whole range (bounded inputs) or the inputs' standard deviation (unbounded ones, e.g. Moons), an
+    :class:`ArgError` where float32 cannot represent the perturbation."""
+    numel = int(torch.tensor(splits.in_shape).prod())
+    if splits.clip is not None:
+        lo, hi = splits.clip
+        scale, what = hi - lo, f"the images' whole range [{lo:g}, {hi:g}]"
+    else:
+        scale, what = float(splits.train.tensors()[0].std()), "the inputs' standard deviation"
+    unit = "pixel" if len(splits.in_shape) == 3 else "feature"
+    for flag, levels in ((spelling("eps_max"), [preset.eps_train]), (spelling("eps"), preset.eval_eps)):
+        warnings, refusals = scale_problems(levels, preset.norm, numel, scale, what, flag, unit)
+        if refusals:
+            raise ArgError(refusals[0])
+        for w in warnings:
+            warn(PROG, w)

@@ -28,21 +28,22 @@ from pathlib import Path
 import torch
 
 from nnunet_ima.plumbing import atomic_write_text, to_plain
-from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device
+from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, check_writable, report_error, resolve_device, \
+    spelling
 
-from .checks import FIELD_DESTS, ArgError, check_checkpoint, check_data_options, check_eval_options, check_numbers, \
-    check_paths, check_schedule, parse_methods
+from .checks import FIELD_DESTS, PROG, ArgError, check_checkpoint, check_data_options, check_eps_scale, \
+    check_eval_options, check_numbers, check_paths, check_schedule, parse_methods
 from .datasets import DatasetError
 from .evaluate import ATTACKS, EvalConfig, aa_announcement, evaluate, format_table
-from .experiment import ModelInputError, RunConfig, check_model, load_splits, method_config, prepare_run, \
+from .experiment import ModelInputError, RunConfig, check_model, data_spec, load_splits, method_config, prepare_run, \
     run_experiment, train_config
+from .resume import check_eval_split
 from .methods import METHODS, build_method
 from .models import MODELS
 from .presets import PRESETS, get_preset
 from .train import RunExistsError, model_from_checkpoint, train
 from .verdict import verdict
 
-PROG = "python -m nnunet_ima.classify"
 COMMAND = "classify"  # its row in nnunet_ima.ui.VOCABULARY's old spellings
 QUICK = {"limit_train": 2000, "limit_test": 500, "max_epochs": 10}
 
@@ -229,7 +230,7 @@ def cmd_train(a) -> int:
     spec = parse_methods([a.method], "--method")
     cfg = run_config(a, spec)
     cfg.methods = spec
-    splits = prepare_run(cfg)
+    splits = prepare_run(cfg, single=True)
     if cfg.preset.threads and not str(cfg.device).startswith("cuda"):
         torch.set_num_threads(cfg.preset.threads)
     tc = train_config(cfg, spec[0], Path(cfg.out), splits.clip)
@@ -253,6 +254,7 @@ def _eval_data(a, cfg: RunConfig, meta: dict):
     norm = a.norm or meta["config"]["method_cfg"]["norm"]
     cfg.preset = get_preset(cfg.dataset).with_(eval_eps=a.eps, norm=norm)
     splits = load_splits(cfg)
+    check_eps_scale(cfg.preset, splits)
     if tuple(splits.in_shape) != tuple(meta["in_shape"]):
         raise ModelInputError(f"the checkpoint's model takes inputs of shape {tuple(meta['in_shape'])}, this data "
                               f"gives {tuple(splits.in_shape)}: pass --image-size {meta['in_shape'][-1]}")
@@ -270,12 +272,15 @@ def cmd_eval(a) -> int:
     if a.model:
         raise ArgError(f"--model {a.model}: eval rebuilds each model from its checkpoint; leave --model out")
     cfg = run_config(a)
+    if a.output:
+        check_writable(a.output, spelling("output"))
     metas = [check_checkpoint("checkpoint", path)["meta"] for path in a.checkpoints]
     results, splits = {}, None
     for path, meta in zip(a.checkpoints, metas):
         if splits is None:  # dataset, split and norm of the (first) checkpoint unless given
             splits = _eval_data(a, cfg, meta)
             check_model(meta["model"], splits.num_classes, splits.in_shape)
+        check_eval_split(path, meta, data_spec(cfg), splits.split_digest)  # every checkpoint: no test image trained on
         model, _ = model_from_checkpoint(path, a.device)
         ecfg = replace(EvalConfig(eps=cfg.preset.eval_eps, norm=cfg.preset.norm, attacks=cfg.preset.eval_attacks,
                                   clip=splits.clip, seed=cfg.seed, device=a.device, progress=not a.quiet),

@@ -21,6 +21,7 @@ Images are stored as uint8 and scaled to [0, 1] per item. A missing dataset rais
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -89,6 +90,7 @@ class Splits:
     num_classes: int
     in_shape: tuple
     clip: tuple | None          # valid value range of inputs, e.g. (0.0, 1.0); None = unbounded
+    split_digest: str | None = None  # fingerprint() of the whole train / test split (set by the experiment)
 
     def limit(self, train: int | None = None, test: int | None = None) -> "Splits":
         """The first ``train`` / ``test`` samples (for quick runs); indices are renumbered."""
@@ -97,7 +99,19 @@ class Splits:
                 return ds
             return IndexedDataset(ds.x[:n], ds.y[:n], ds.transform)
         return Splits(self.name, cut(self.train, train), cut(self.val, test), cut(self.test, test),
-                      self.num_classes, self.in_shape, self.clip)
+                      self.num_classes, self.in_shape, self.clip, self.split_digest)
+
+
+def fingerprint(*datasets) -> str:
+    """SHA-256 (16 hex) of datasets' samples and labels, in order: two equal fingerprints of (train, test)
+    mean the same split, so a model trained on one and evaluated on the other never saw its test images."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        for t in (ds.x, ds.y):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -249,17 +263,12 @@ def _read_images(files, size, grey: bool) -> torch.Tensor:
     """uint8 (N, C, H, W) from image files; ``size`` resizes each to size x size (bilinear).
 
     Without ``size`` all images must have one size: otherwise a :class:`DatasetError` names two files
-    that differ and ``--image-size``.
+    that differ and ``--image-size``. A file PIL cannot read whole (damaged, truncated, not an image) is
+    a :class:`DatasetError` naming it.
     """
-    from PIL import Image
-
     out, first = [], None
     for f in files:
-        with Image.open(f) as im:
-            im = im.convert("L" if grey else "RGB")
-            if size:
-                im = im.resize((size, size), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
+        a = _read_image(f, size, grey)
         if first is None:
             first = (f, a.shape[:2])
         elif a.shape[:2] != first[1]:
@@ -267,6 +276,21 @@ def _read_images(files, size, grey: bool) -> torch.Tensor:
                                f"{a.shape[0]}x{a.shape[1]}; pass --image-size N to resize all to NxN")
         out.append(a[None] if grey else a.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out)) if out else torch.empty(0, dtype=torch.uint8)
+
+
+def _read_image(path, size, grey: bool) -> np.ndarray:
+    """One image file as uint8 (H, W) or (H, W, 3); the one reader of image files (every failure a DatasetError)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if grey else "RGB")  # decodes the whole file: a truncated one fails here
+            if size:
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        why = " ".join(str(err).split()) or type(err).__name__
+        raise DatasetError(f"{path}: cannot be read as an image ({why[:160]})") from None
 
 
 def _class_files(root: Path) -> dict[str, list[Path]]:

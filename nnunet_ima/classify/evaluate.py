@@ -197,14 +197,15 @@ def evaluate(model, dataset, num_classes: int, cfg: EvalConfig, desc: str = "eva
     return out
 
 
-def result_rows(results: dict) -> list[dict]:
-    """Flat rows (method, attack, eps, accuracy, n) for CSV."""
+def result_rows(results: dict, norm: str | None = None) -> list[dict]:
+    """Flat rows (method, attack, eps, accuracy, n, and ``norm``: what eps is measured in, when given) for CSV."""
     rows = []
+    extra = {} if norm is None else {"norm": norm}
     for method, r in results.items():
-        rows.append({"method": method, "attack": "clean", "eps": 0.0, "accuracy": r["clean"], "n": r["n"]})
+        rows.append({"method": method, "attack": "clean", "eps": 0.0, "accuracy": r["clean"], "n": r["n"], **extra})
         for a in ATTACKS:
             for e, acc in r.get(a, {}).items():
-                rows.append({"method": method, "attack": a, "eps": float(e), "accuracy": acc, "n": r["n"]})
+                rows.append({"method": method, "attack": a, "eps": float(e), "accuracy": acc, "n": r["n"], **extra})
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -12,15 +13,17 @@ from pathlib import Path
 import torch
 
 from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
-from nnunet_ima.ui import plot_margin_histogram
+from nnunet_ima.ui import check_writable, plot_margin_histogram, spelling
 
 from . import distributed as ddp
-from .datasets import DatasetError, Splits, load_dataset
+from .checks import check_eps_scale
+from .datasets import DatasetError, Splits, fingerprint, load_dataset
 from .evaluate import EvalConfig, aa_announcement, evaluate, format_table, result_rows
 from .methods import MethodConfig
 from .models import build_model, input_problem, model_for_shape
 from .plots import plot_accuracy_vs_eps, plot_decision_boundaries
 from .presets import STD_OPTIMIZER, Preset, get_preset
+from .resume import check_resume
 from .train import CHECKPOINT, LOG, RunExistsError, TrainConfig, TrainResult, train
 from .verdict import verdict
 
@@ -78,6 +81,7 @@ def load_splits(cfg: RunConfig) -> Splits:
         splits = {"test_split": cfg.test_split, "val_split": cfg.val_split}
         kwargs.update({k: v for k, v in splits.items() if v is not None})
     splits = load_dataset(cfg.dataset, cfg.data_root, seed=cfg.seed, **kwargs)
+    splits.split_digest = fingerprint(splits.train, splits.test)  # the whole split, before any limit
     return splits.limit(cfg.limit_train, cfg.limit_test)
 
 
@@ -125,32 +129,59 @@ def method_label(spec: str, eps_train: float) -> str:
     return f"{name}{eps_train:g}" if name in FIXED_EPS and eps is None else label
 
 
-def existing_outputs(cfg: RunConfig) -> list[str]:
+def method_dirs(cfg: RunConfig, single: bool = False) -> dict[str, Path]:
+    """{method spec: the folder of its checkpoint}: ``out/<label>`` per method (``run``), or ``out`` itself
+    for the one method of ``train`` (``single``)."""
+    out = Path(cfg.out)
+    return {s: out if single else out / method_label(s, cfg.preset.eps_train) for s in cfg.methods}
+
+
+def existing_outputs(cfg: RunConfig, single: bool = False) -> list[str]:
     """Files of an earlier run in ``cfg.out`` that this run would write (relative names)."""
     out = Path(cfg.out)
-    labels = [method_label(s, cfg.preset.eps_train) for s in cfg.methods]
-    names = list(RESULT_FILES) + [f"{m}/{f}" for m in labels for f in (CHECKPOINT, LOG)]
+    names = list(RESULT_FILES) + [os.path.relpath(d / f, out) for d in method_dirs(cfg, single).values()
+                                  for f in (CHECKPOINT, LOG)]
     return [n for n in names if (out / n).is_file()]
 
 
-def prepare_run(cfg: RunConfig) -> Splits:
-    """Everything that can fail before training, without writing anything: the output folder (an old
-    run there needs resume or overwrite), the data, the model against the data. Settles ``cfg.preset``
-    (its model) and ``cfg.out``."""
+def prepare_run(cfg: RunConfig, single: bool = False) -> Splits:
+    """Everything that can fail before training, without writing anything: the output folder (writable; an
+    old run there needs resume or overwrite, and a resumed one the settings that produced it), the data,
+    the model against the data, the noise levels against the data. Settles ``cfg.preset`` (its model) and
+    ``cfg.out``. ``single``: the one method of ``train`` keeps its checkpoint in ``out`` itself."""
     cfg.preset = cfg.preset or get_preset(cfg.dataset)
     cfg.out = cfg.out or default_out(cfg.dataset)
-    found = existing_outputs(cfg)
+    check_writable(cfg.out, spelling("output"))
+    found = existing_outputs(cfg, single)
     if found and not (cfg.resume or cfg.overwrite):
         raise RunExistsError(f"--output {cfg.out} already holds a run ({', '.join(found[:3])}"
                              f"{', ...' if len(found) > 3 else ''}); pass --resume to continue it or --overwrite "
                              "to start again")
+    dirs = method_dirs(cfg, single)
+    if cfg.resume and not any((d / CHECKPOINT).is_file() for d in dirs.values()):
+        names = ", ".join(os.path.relpath(d, cfg.out) for d in dirs.values() if not single)
+        raise RunExistsError(f"--resume: {cfg.out} holds no run to continue (no {CHECKPOINT}"
+                             f"{' of ' + names if names else ''}); leave out --resume to start one")
     splits = load_splits(cfg)
     if cfg.eval_split == "val" and splits.val is None:
         raise DatasetError(f"--eval-split val: {splits.name} has no validation split here; use --eval-split test")
     cfg.preset = resolve_model(cfg, splits)
     if cfg.init_from and cfg.init_from != "std":
         check_init_weights(cfg.init_from, cfg.preset.model, splits)
+    check_eps_scale(cfg.preset, splits)
+    if cfg.resume:
+        for spec, folder in dirs.items():
+            if (folder / CHECKPOINT).is_file():
+                check_resume(folder / CHECKPOINT, resolved_train_config(cfg, spec, dirs, splits), splits.split_digest)
     return splits
+
+
+def resolved_train_config(cfg: RunConfig, spec: str, dirs: dict, splits: Splits) -> TrainConfig:
+    """The TrainConfig method ``spec`` trains with, ``--init-from std`` resolved to this run's STD checkpoint."""
+    tc = train_config(cfg, spec, dirs[spec], splits.clip)
+    if tc.init_from == "std":
+        tc = replace(tc, init_from=str(dirs.get("std", Path(cfg.out) / "std") / CHECKPOINT))
+    return tc
 
 
 def check_init_weights(path: str, model: str, splits: Splits) -> None:
@@ -198,14 +229,14 @@ def run_experiment(cfg: RunConfig) -> dict:
     if cfg.overwrite and ddp.is_main() and out.is_dir():
         _clear_results(out)
     trained: dict[str, TrainResult] = {}
+    dirs = method_dirs(cfg)
     for spec in cfg.methods:
         label = method_label(spec, cfg.preset.eps_train)
-        tc = train_config(cfg, spec, out / label, splits.clip)
-        if tc.init_from == "std":  # start from the STD model trained earlier in this run
-            if "std" not in trained:
-                raise ValueError("--init-from std: put 'std' first in --methods")
-            tc = replace(tc, init_from=str(trained["std"].checkpoint))
-        trained[label] = train(tc, splits)
+        if cfg.init_from == "std" and parse_spec(spec)[0] != "std" and "std" not in trained:  # STD's weights first
+            raise ValueError("--init-from std: put 'std' first in --methods")
+        if cfg.resume and not (dirs[spec] / CHECKPOINT).is_file() and ddp.is_main():
+            print(f"{label}: no {CHECKPOINT} in {dirs[spec]} to resume; trained from the start", flush=True)
+        trained[label] = train(resolved_train_config(cfg, spec, dirs, splits), splits)
     results: dict = {}
     if ddp.is_main():
         results = evaluate_all(cfg, splits, trained)
@@ -234,7 +265,7 @@ def write_outputs(cfg: RunConfig, splits: Splits, trained: dict, results: dict, 
              f"{len(splits.train)} train samples")
     table = format_table(results, title=title)
     atomic_write_text(out / "table.txt", table + "\n")
-    rows = result_rows(results)
+    rows = result_rows(results, p.norm)
     with atomic_write(out / "results.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

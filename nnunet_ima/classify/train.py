@@ -250,7 +250,7 @@ def train(cfg: TrainConfig, splits: Splits) -> TrainResult:
     sampler = DistributedSampler(splits.train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(splits.train, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, collate_fn=collate)
     meta = {"model": cfg.model, "num_classes": splits.num_classes, "in_shape": tuple(splits.in_shape),
-            "dataset": splits.name, "method": cfg.method, "clip": splits.clip,
+            "dataset": splits.name, "method": cfg.method, "clip": splits.clip, "split_digest": splits.split_digest,
             "data": to_plain(cfg.data, for_json=True), "config": to_plain(asdict(cfg), for_json=True)}
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)

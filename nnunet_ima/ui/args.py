@@ -13,6 +13,8 @@ import argparse
 import math
 import re
 
+from nnunet_ima.eps_scale import MAX_EPS
+
 from .errors import report_error, usage_error, warn
 
 DEVICES = "cpu, cuda or cuda:N"
@@ -27,13 +29,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def eps_value(text: str) -> float:
-    """One noise level: a finite number >= 0 (0 = the clean row)."""
+    """One noise level: a finite number >= 0 (0 = the clean row) that float32 can hold (< ``MAX_EPS``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected noise levels that are finite and >= 0, got {text}")
+    if value >= MAX_EPS:
+        raise argparse.ArgumentTypeError(f"{text}: a perturbation that large cannot be represented in float32 "
+                                         f"(its squared norm overflows); expected eps < {MAX_EPS:.3g}")
     return value
 
 

@@ -82,10 +82,12 @@ def eval_forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Method:
-    """Base class. Subclasses set ``name`` and implement :meth:`loss`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`loss`; ``settings``: the
+    :class:`MethodConfig` fields its training reads (a resumed run compares them, see ``classify.resume``)."""
 
     name = ""
     uses_margins = False
+    settings: tuple = tuple(f for f in MethodConfig.__dataclass_fields__ if f != "clip")  # clip: from the data
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

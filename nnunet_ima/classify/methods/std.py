@@ -6,6 +6,7 @@ from .base import Method, StepOutput, ce
 
 class Std(Method):
     name = "std"
+    settings = ()  # clean training reads no method setting
 
     def loss(self, model, x, y, ids):
         logits = model(x)
