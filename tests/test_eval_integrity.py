@@ -327,7 +327,7 @@ def test_eps_that_float32_cannot_hold_is_refused_before_any_work(env, tmp_path, 
     no_load(monkeypatch)
     out = tmp_path / "out"
     rc, stdout, stderr = attack(common(env, out) + ["--eps", "1", "1e30", "--attacks", "ifgsm"])
-    one_error_line(rc, stdout, stderr, "--eps 1e+30", "float32")
+    one_error_line(rc, stdout, stderr, "--eps: 1e30", "float32")  # refused by the parser (eps_value)
     assert not out.exists()
 
 
