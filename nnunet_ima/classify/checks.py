@@ -18,6 +18,7 @@ from nnunet_ima.ui import UsageError, spelling, usage_error, warn
 from .datasets import has_train_test
 from .evaluate import ATTACKS
 from .methods import METHODS
+from .methods.base import method_params
 
 #: (argument dest, what a valid value is): numbers that the CLI checks before anything runs.
 NUMBER_RULES = {
@@ -29,10 +30,6 @@ NUMBER_RULES = {
     "std_warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
     "k": (lambda v: v >= 1, "an integer >= 1 (K, PGD steps in training)"),
     "n": (lambda v: v >= 0, "an integer >= 0 (N, binary-search steps)"),
-    "ima_beta": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "trades_beta": (lambda v: v >= 0, "a number >= 0"),
-    "fat_tau": (lambda v: v >= 0, "an integer >= 0"),
-    "mma_clean_weight": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "pgd_steps": (lambda v: v >= 1, "an integer >= 1"),
     "ifgsm_steps": (lambda v: v >= 1, "an integer >= 1"),
     "aa_queries": (lambda v: v >= 1, "an integer >= 1"),
@@ -43,10 +40,11 @@ NUMBER_RULES = {
     "val_split": (lambda v: 0 <= v < 1, "a fraction in [0, 1), e.g. 0.1"),
     "stop_after_epoch": (lambda v: v >= 1, "an integer >= 1"),
 }
-#: MethodConfig field -> the argument (dest) that sets it.
+NUMBER_RULES.update({name: (p.valid, p.expected) for name, p in method_params().items() if p.choices is None})
+#: MethodConfig field -> the argument (dest) that sets it: the shared ones by the vocabulary, a method's own
+#: hyperparameter by its field name (``--fat-tau``)
 FIELD_DESTS = {"eps": "eps_max", "delta": "delta", "steps": "k", "search_steps": "n", "norm": "norm",
-               "ima_loss": "ima_loss", "ima_beta": "ima_beta", "ima_rule": "ima_rule", "trades_beta": "trades_beta",
-               "fat_tau": "fat_tau", "mma_clean_weight": "mma_clean_weight"}
+               **{name: name for name in method_params()}}
 
 
 PROG = "python -m nnunet_ima.classify"

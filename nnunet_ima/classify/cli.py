@@ -39,6 +39,7 @@ from .experiment import ModelInputError, RunConfig, check_model, data_spec, load
     run_experiment, train_config
 from .resume import check_eval_split
 from .methods import METHODS, build_method
+from .methods.base import method_params
 from .models import MODELS
 from .presets import PRESETS, get_preset
 from .train import RunExistsError, model_from_checkpoint, train
@@ -86,12 +87,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("method options")
     add_option(m, COMMAND, "k", help="K, PGD steps of the training attacks (20)")
     add_option(m, COMMAND, "n", help="N, binary-search steps (10)")
-    m.add_argument("--ima-loss", choices=("mean", "beta"), help="later paper's (L0+L1)/2 or earlier paper's beta loss")
-    m.add_argument("--ima-beta", type=float)
-    m.add_argument("--ima-rule", choices=("later", "earlier"), help="margin update rules of the later/earlier paper")
-    m.add_argument("--trades-beta", type=float)
-    m.add_argument("--fat-tau", type=int, help="fixed tau (default: FAT's dynamic schedule)")
-    m.add_argument("--mma-clean-weight", type=float)
+    for name, param in method_params().items():  # each method's own hyperparameters, declared with the field
+        m.add_argument("--" + name.replace("_", "-"), type=param.type, choices=param.choices, help=param.help)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
