@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import case_checks, case_scope, report
+from .case_metrics import case_summary
+from .case_scope import CASE, SAMPLE, scope_of
 from .data import check_label_values, load_fold_cases, load_raw_cases, raw_case_files
 from .errors import EvalError
 from .metrics import MEAN, adi, summarize, worst_counts
@@ -43,6 +45,8 @@ class Plan:
     store: report.ResultStore
     checkpoints: dict              # trainer -> checkpoint path
     data: dict = field(default_factory=dict)  # trainer -> {"images": digest, "labels": digest}
+    scopes: list = field(default_factory=lambda: [SAMPLE])  # --scope: "sample" and / or "case"
+    case: case_scope.CaseSettings = field(default_factory=case_scope.CaseSettings)  # the case scope's predictor
 
     @property
     def out(self) -> Path:
@@ -70,8 +74,13 @@ def prepare(args) -> Plan:
     store = report.ResultStore(Path(args.output), overwrite=args.overwrite)
     for m in store.messages:
         print(m)
-    return Plan(args, name, source, sorted(set(args.eps)), [a for a in args.attacks if a != WORST],
-                WORST in args.attacks, settings, store, ckpts)
+    scopes = [sc for sc in case_scope.SCOPES if sc in getattr(args, "scope", [SAMPLE])]
+    case = case_scope.CaseSettings(getattr(args, "tile_step", 0.5), not getattr(args, "no_mirroring", False),
+                                   getattr(args, "case_budget", "blocks"))
+    plan = Plan(args, name, source, sorted(set(args.eps)), [a for a in args.attacks if a != WORST],
+                WORST in args.attacks, settings, store, ckpts, scopes=scopes, case=case)
+    case_scope.check_case_scope(plan)
+    return plan
 
 
 # ------------------------------------------------------------------------------------- run keys
@@ -82,8 +91,16 @@ def common_key(plan: Plan, tr: str) -> dict:
 
 
 def run_keys(plan: Plan, tr: str) -> list[dict]:
-    """The clean run and every (attack, eps) run of model ``tr``, with the settings that define them."""
+    """The clean run and every (attack, eps) run of model ``tr`` in each scope of ``--scope``, with the
+    settings that define them."""
     c, s = common_key(plan, tr), plan.settings
+    case = case_scope.case_keys(c, s, plan.case, plan.attacks, plan.eps_list) if CASE in plan.scopes else []
+    return (sample_keys(plan, tr) if SAMPLE in plan.scopes else []) + case
+
+
+def sample_keys(plan: Plan, tr: str) -> list[dict]:
+    """The sample scope's runs (slices / patch tiles, each attacked on its own)."""
+    c, s = {**common_key(plan, tr), "scope": SAMPLE}, plan.settings
     keys = [{**c, "attack": CLEAN, "eps": 0.0, "norm": "-", "loss": "-", "steps": 0, "seed": "-", "batch_size": "-",
              "iterate": "-"}]
     keys += [{**c, "attack": a, "eps": e, "norm": s.norm, "loss": s.loss, "steps": s.steps(a), "seed": s.seed,
@@ -91,8 +108,8 @@ def run_keys(plan: Plan, tr: str) -> list[dict]:
     return keys
 
 
-def inputs_of(plan: Plan, tr: str) -> dict:
-    """Fingerprints of what produces model ``tr``'s results (see :mod:`.provenance`)."""
+def inputs_of(plan: Plan, tr: str, scope: str = SAMPLE) -> dict:
+    """Fingerprints of what produces model ``tr``'s results in ``scope`` (see :mod:`.provenance`)."""
     a = plan.args
     if tr not in plan.data:
         ident = None
@@ -103,7 +120,8 @@ def inputs_of(plan: Plan, tr: str) -> dict:
             ident = pm.get_configuration(a.configuration).data_identifier
         pre = Path(os.environ["nnUNet_preprocessed"]) / plan.name
         plan.data[tr] = data_inputs(plan.source, a.images, a.labels, pre, ident, a.fold)
-    return {"checkpoint": file_digest(plan.checkpoints[tr]), **plan.data[tr], "code": CODE_VERSION}
+    inputs = {"checkpoint": file_digest(plan.checkpoints[tr]), **plan.data[tr], "code": CODE_VERSION}
+    return case_scope.case_inputs(plan, inputs) if scope == CASE else inputs
 
 
 def split_reusable(plan: Plan, tr: str, keys: list[dict], inputs: dict) -> tuple[dict, list]:
@@ -149,17 +167,47 @@ def load_evaluator(plan: Plan, tr: str) -> Evaluator:
 
 
 def evaluate_model(plan: Plan, tr: str) -> dict:
-    """Counts of every run of model ``tr`` ({row key: Counts}); computes only what cannot be reused."""
-    keys, inputs = run_keys(plan, tr), inputs_of(plan, tr)
-    found, todo = split_reusable(plan, tr, keys, inputs)
+    """Counts of every run of model ``tr`` in each scope ({row key: Counts}); computes only what cannot be reused."""
+    keys = run_keys(plan, tr)
+    inputs = {sc: inputs_of(plan, tr, sc) for sc in plan.scopes}
+    found, todo = {}, {}
+    for sc in plan.scopes:
+        reused, new = split_reusable(plan, tr, [k for k in keys if scope_of(k) == sc], inputs[sc])
+        found.update(reused)
+        if new:
+            todo[sc] = new
     if not todo:
         print(f"{tr}: all {len(keys)} results already in {plan.store.json_path} with unchanged checkpoint, data "
               f"and settings (use --overwrite to recompute)")
-        plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + \
-            [c for c in plan.store.checks_on_disk if c["model"] == tr and not c["check"].startswith("non_increasing")]
+        keep_checks(plan, tr, {})
         return found
     ev = load_evaluator(plan, tr)
-    print(f"{tr}: {len(ev.cases)} cases, {len(ev.refs)} {'slices' if ev.dim == 2 else 'patches'} in "
+    fresh = {}
+    if SAMPLE in todo:
+        fresh[SAMPLE] = evaluate_samples(plan, ev, [k for k in keys if scope_of(k) == SAMPLE], todo[SAMPLE], found,
+                                         inputs[SAMPLE])
+    if CASE in todo:
+        fresh[CASE] = case_scope.evaluate_cases(plan, ev, todo[CASE], found, inputs[CASE])
+    keep_checks(plan, tr, fresh)
+    plan.store.save()
+    return found
+
+
+def keep_checks(plan: Plan, tr: str, fresh: dict) -> None:
+    """Model ``tr``'s checks: those of the scopes computed now (``fresh``: scope -> checks), and from disk those
+    of this run's other scopes (not the monotonicity checks: :func:`publish` recomputes them)."""
+    def scope(c):
+        return CASE if case_checks.is_case_check(c) else SAMPLE
+
+    kept = [c for c in plan.store.checks_on_disk if c["model"] == tr and not c["check"].startswith("non_increasing")
+            and scope(c) in plan.scopes and scope(c) not in fresh]
+    plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + kept + \
+        [c for checks in fresh.values() for c in checks]
+
+
+def evaluate_samples(plan: Plan, ev: Evaluator, keys: list[dict], todo: list, found: dict, inputs: dict) -> list[dict]:
+    """The sample scope's runs ``todo`` [(key, why)] of one model: attack, store, add to ``found``; its checks."""
+    print(f"{ev.model.label}: {len(ev.cases)} cases, {len(ev.refs)} {'slices' if ev.dim == 2 else 'patches'} in "
           f"{len(ev.batches)} batches; {len(todo)} of {len(keys)} results to compute")
     keep = _choose_examples(ev, plan.args.save_examples)
     clean = ev.run(CLEAN, 0.0, keep=keep)
@@ -172,10 +220,7 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
         if k["attack"] != CLEAN:
             computed.setdefault(k["attack"], []).append(evaluation)
             _say_and_save_examples(plan, ev, evaluation, clean)
-    checks = [] if plan.args.no_sanity else sanity_checks(plan, ev, keys, found, clean, computed)
-    plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + checks
-    plan.store.save()
-    return found
+    return [] if plan.args.no_sanity else sanity_checks(plan, ev, keys, found, clean, computed)
 
 
 def _say_and_save_examples(plan: Plan, ev: Evaluator, evaluation, clean) -> None:
@@ -225,26 +270,34 @@ def _classes(plan: Plan, key: dict) -> dict:
 
 
 def figures(plan: Plan, tr: str, found: dict) -> tuple[list[dict], list[dict]]:
-    """Rows and per-case rows of model ``tr`` from the counts (this run's ADI convention), with the
-    "worst" group when asked: per sample the lowest Dice over clean and every attack at that eps."""
-    conv = plan.settings.convention
+    """Rows and per-case rows of model ``tr`` from the counts, per scope (the sample scope in this run's ADI
+    convention, the case scope with nnU-Net's rules, :mod:`.case_metrics`), with the "worst" group when
+    asked: per sample (case) the lowest Dice over clean and every attack at that eps."""
     keys = run_keys(plan, tr)
     classes = _classes(plan, keys[0])
-    items = [(k, found[report.row_key(k)], plan.store.run_of(k)["seconds"]) for k in keys]
-    clean = items[0][1]
-    if plan.worst:
-        for e in plan.eps_list:
-            group = [(k, c, t) for k, c, t in items if k["attack"] != CLEAN and k["eps"] == e]
-            counts, _ = worst_counts(clean, [c for _, c, _ in group], conv)
-            key = {**group[0][0], "attack": WORST, "steps": 0, "iterate": "-",
-                   "worst_of": ",".join([CLEAN] + [k["attack"] for k, _, _ in group])}
-            items.append((key, counts, sum(t for _, _, t in group)))
     rows, per_case = [], []
-    for k, counts, seconds in items:
-        s = summarize(counts, conv)
-        rows += report.make_rows(k, s, classes, seconds)
-        per_case += [{**k, "case": c, "dice3d": v} for c, v in s["dice3d_per_case"].items()]
+    for scope in plan.scopes:
+        conv = plan.settings.convention if scope == SAMPLE else "project"  # the worst case's per-case rule
+        summary = (lambda c: summarize(c, plan.settings.convention)) if scope == SAMPLE else case_summary
+        items = [(k, found[report.row_key(k)], plan.store.run_of(k)["seconds"]) for k in keys if scope_of(k) == scope]
+        items += _worst_items(plan, items, conv) if plan.worst else []
+        for k, counts, seconds in items:
+            s = summary(counts)
+            rows += report.make_rows(k, s, classes, seconds)
+            per_case += [{**k, "case": c, "dice3d": v} for c, v in s["dice3d_per_case"].items()]
     return rows, per_case
+
+
+def _worst_items(plan: Plan, items: list, conv: str) -> list:
+    """Per eps, the "worst" group of one scope's (key, counts, seconds) items (the clean run first)."""
+    clean, out = items[0][1], []
+    for e in plan.eps_list:
+        group = [(k, c, t) for k, c, t in items if k["attack"] != CLEAN and k["eps"] == e]
+        counts, _ = worst_counts(clean, [c for _, c, _ in group], conv)
+        key = {**group[0][0], "attack": WORST, "steps": 0, "iterate": "-",
+               "worst_of": ",".join([CLEAN] + [k["attack"] for k, _, _ in group])}
+        out.append((key, counts, sum(t for _, _, t in group)))
+    return out
 
 
 def publish(plan: Plan, results: dict) -> None:
@@ -255,7 +308,7 @@ def publish(plan: Plan, results: dict) -> None:
         r, p = figures(plan, tr, found)
         rows += r
         per_case += p
-    mono = monotonicity_checks(rows)
+    mono = monotonicity_checks([r for r in rows if scope_of(r) == SAMPLE]) + case_checks.case_monotonicity(rows)
     store.rows = [r for r in store.rows if r["model"] not in models] + rows
     store.per_case = [p for p in store.per_case if p["model"] not in models] + per_case
     kept = [c for c in store.checks_on_disk if c["model"] not in models]
@@ -266,6 +319,11 @@ def publish(plan: Plan, results: dict) -> None:
         print(report.table(rows, metric))
         print()
     print(f"ADI convention: {plan.settings.convention} (the paper's tables used the authors' code: --adi paper)")
+    if CASE in plan.scopes:
+        c = plan.case
+        print(f"Case scope: whole cases through nnU-Net's predictor (tile step {c.tile_step:g}, mirroring "
+              f"{'on' if c.mirroring else 'off'}), scored in their original geometry with nnU-Net's rules (ADI = "
+              f"3D Dice: a sample is a case); eps bounds {'each slice / patch tile' if c.budget == 'blocks' else 'the whole case (L2: times sqrt(number of blocks))'}")
     checks = [c for c in store.checks if c["model"] in models]
     if checks:
         print("Sanity checks:")
