@@ -57,6 +57,15 @@ class CaseSettings:
     budget: str = "blocks"   # "blocks" (each slice / patch tile in its eps-ball) or "whole" (one ball, see BUDGETS)
 
 
+def describe(case: CaseSettings) -> str:
+    """The line printed under the tables."""
+    budget = ("each slice / patch tile" if case.budget == "blocks" else
+              "the whole case (L2: eps x sqrt(number of slices / patch tiles))")
+    return (f"Case scope: whole cases through nnU-Net's predictor (tile step {case.tile_step:g}, mirroring "
+            f"{'on' if case.mirroring else 'off'}), scored in their original geometry with nnU-Net's rules (ADI = "
+            f"3D Dice: a sample is a case); eps bounds {budget}")
+
+
 # ------------------------------------------------------------------------------------------------ budget
 def block_shape(patch_size: tuple) -> tuple:
     """The blocks eps bounds, as the sample scope's samples: a 2d model's slices ``(1, None, None)`` (None =

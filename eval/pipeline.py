@@ -320,10 +320,7 @@ def publish(plan: Plan, results: dict) -> None:
         print()
     print(f"ADI convention: {plan.settings.convention} (the paper's tables used the authors' code: --adi paper)")
     if CASE in plan.scopes:
-        c = plan.case
-        print(f"Case scope: whole cases through nnU-Net's predictor (tile step {c.tile_step:g}, mirroring "
-              f"{'on' if c.mirroring else 'off'}), scored in their original geometry with nnU-Net's rules (ADI = "
-              f"3D Dice: a sample is a case); eps bounds {'each slice / patch tile' if c.budget == 'blocks' else 'the whole case (L2: times sqrt(number of blocks))'}")
+        print(case_scope.describe(plan.case))
     checks = [c for c in store.checks if c["model"] in models]
     if checks:
         print("Sanity checks:")

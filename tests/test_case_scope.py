@@ -289,7 +289,8 @@ def env3d(tiny_trained_3d):
 
 @pytest.mark.slow
 def test_3d_model_both_scopes_end_to_end(env3d, tmp_path):
-    """A 3d model on a case of 2 x 2 x 2 overlapping windows (patch 8 x 32 x 32), mirroring off."""
+    """A 3d model on a case of 2 x 2 x 2 overlapping windows (patch 8 x 32 x 32), mirroring off, one L2 ball
+    over the whole case (``--case-budget whole``: radius eps x sqrt(8 patch-grid tiles))."""
     import torch
     from data_gen import synthetic_shapes
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -300,7 +301,8 @@ def test_3d_model_both_scopes_end_to_end(env3d, tmp_path):
     write_case(images, labels, "vol", img, lab, (1.0, 1.0, 1.0))
     args = ["-d", str(TINY_ID), "-c", "3d_fullres", "-f", "0", "-tr", EVAL_TRAINER_3D, "-o", str(out), "--quiet",
             "-i", str(images), "-l", str(labels), "--eps", "0", "5", "--attacks", "pgd", "--pgd-steps", "1",
-            "--scope", "sample", "case", "--no-mirroring", "--no-sanity", "--device", "cpu"]
+            "--scope", "sample", "case", "--no-mirroring", "--no-sanity", "--device", "cpu", "--case-budget", "whole",
+            "--save-examples", "1"]
     rc, stdout, err = attack(args)
     assert rc == 0, err
     assert "case scope: 1 cases, 8 windows x 1 mirrored passes" in stdout
@@ -308,6 +310,10 @@ def test_3d_model_both_scopes_end_to_end(env3d, tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["scope"] for r in rows} == {"sample", "case"}
     assert {r["mirroring"] for r in rows if r["scope"] == "case"} == {"False"}
+    assert {r["budget"] for r in rows if r["scope"] == "case" and r["attack"] == "pgd"} == {"whole"}
+    noise = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "examples" / EVAL_TRAINER_3D / "case" / "pgd_eps5" /
+                                                      "vol_noise.nii.gz"))).astype(np.float64)
+    assert noise.shape == (10, 40, 40) and 5 * 1.5 < np.sqrt((noise ** 2).sum()) <= 5 * math.sqrt(8) * (1 + 1e-4)
     results = json.loads((out / "results.json").read_text())
     p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
     p.initialize_from_trained_model_folder(
