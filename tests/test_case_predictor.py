@@ -255,3 +255,24 @@ def test_a_case_smaller_than_the_patch_is_padded_and_cropped_back(nets, one_thre
     assert ours.shape == theirs.shape == (3, 5, 20, 33)
     assert bool(((ours - theirs).abs() <= fp16_bound(_ours(p), x)).all())
     assert np.isfinite(ours.numpy()).all()
+
+
+@pytest.mark.parametrize("attack", sorted(__import__("nnunet_ima.seg_attacks", fromlist=["SEG_ATTACKS"]).SEG_ATTACKS))
+def test_every_registry_attack_runs_on_a_whole_case_within_each_slices_ball(nets, attack, one_thread):
+    """The case scope's attack: the registry entry, unchanged, on the blended prediction of a whole 2d-model
+    case with every slice in its own eps-ball (a product of balls)."""
+    from nnunet_ima.block_norm import BlockNorm
+    from nnunet_ima.seg_attacks import SEG_ATTACKS
+    from nnunet_ima_eval.model import PerSampleLoss
+
+    p = nets["2d"]
+    p.use_mirroring = False
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn((1, 1, 3, 40, 36), generator=gen)
+    y = torch.randint(0, 3, (1, 1, 3, 40, 36), generator=gen)
+    norm = BlockNorm("l2", (1, None, None))
+    x_adv = SEG_ATTACKS[attack](_ours(p), x, y, 2.0, norm=norm, steps=2, loss=PerSampleLoss("dicece", False, None),
+                                generator=gen)
+    per_slice = norm.block_measure(x_adv - x)[0]
+    assert x_adv.shape == x.shape and bool(torch.isfinite(x_adv).all())
+    assert float(per_slice.max()) <= 2.0 * (1 + 1e-5) and float(per_slice.min()) > 0
