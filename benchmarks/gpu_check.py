@@ -22,7 +22,9 @@ parts run; ``--budget`` bounds the whole run):
                  peak memory (``torch.cuda.max_memory_allocated``)
   train_compile  as train with ``nnUNet_compile=true`` (nnU-Net's default on CUDA)
   bench_compile  as bench with ``--compile on``
-  case_scope     ``nnunet-ima-attack --scope case`` (issue 22): time and peak memory, when offered
+  case_scope     ``nnunet-ima-attack --scope case`` (issue 22) on the last trained model: time and peak
+                 memory; then ``bench_case_attack.py`` on the dataset's 2d plan: peak memory above the
+                 case's arrays and s/step against the bare window cost, cases of 1x, 2x, 4x
 
 ``--device cpu --quick`` runs every part that exists on a CPU, with tiny sizes (nnU-Net never
 compiles on the CPU, so the compile parts say so and skip). ``--device cuda`` on a machine without
@@ -49,6 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_TRAINERS = REPO / "benchmarks" / "bench_trainers.py"
+BENCH_CASE = REPO / "benchmarks" / "bench_case_attack.py"
 DATASET_ID, DATASET_NAME = 997, "GpuCheck"
 LABELS = {"background": 0, "outer": 1, "core": 2}
 TRAINERS = ("nnUNetTrainerSTD", "nnUNetTrainerSAT", "nnUNetTrainerIMA")
@@ -87,7 +90,7 @@ FULL = Sizes(cases=8, shape=(16, 64, 64), std_schedule=(4, 25), adv_schedule=(3,
              bench_on_training_data=False, attack_steps=20, attack_batch=32, attack_max_samples=None,
              attack_sanity=True, budget=480,
              limits={"setup": (90, 60), "train": (120, 60), "bench": (100, 60), "attack": (75, 45),
-                     "train_compile": (150, 0), "bench_compile": (150, 0), "case_scope": (45, 0)})
+                     "train_compile": (150, 0), "bench_compile": (150, 0), "case_scope": (90, 0)})
 QUICK = Sizes(cases=6, shape=(8, 32, 32), std_schedule=(1, 3), adv_schedule=(1, 2), val_iters=1, k=2, n=2,
               attack_samples="all",
               bench=("--k", "2", "--n", "2", "--k-sweep", "1", "2", "--rounds", "1", "--iters", "1"),
@@ -717,17 +720,32 @@ def part_attack(ctx: Ctx, rec: dict) -> None:
 
 
 def part_case_scope(ctx: Ctx, rec: dict) -> None:
-    """Slot for issue 22: the case-scope attack's time and peak memory, once nnunet-ima-attack has it."""
-    from nnunet_ima_eval.cli import build_parser
-
-    if "--scope" not in build_parser()._option_string_actions:
-        raise Skip("nnunet-ima-attack offers no --scope (issue 22, the case-scope attack, is not merged)")
+    """Issue 22: the case-scope attack's time and peak memory through the real command (PGD at eps 2 as in
+    part attack, whole fold-0 validation cases through nnU-Net's sliding window with mirroring), then
+    ``bench_case_attack.py`` on the dataset's 2d plan (its targets: peak memory above the case's arrays at
+    4x within 1.3x of 1x; s/step within 1.3x of windows x mirrors x (2 forwards + 1 backward))."""
     model = trained_models(ctx)[-1]
     job = run_one(ctx, attack_job(ctx, "attack_case_scope", [model], ctx.sizes.attack_batch,
                                   ("--scope", "case", "--no-sanity")))
     rec.update(model=model, **attack_record(ctx, job, scope="case"))
     if job.result["status"] != "ok":
         raise PartError(f"nnunet-ima-attack --scope case failed (exit {job.result['rc']})")
+    ctx.report.save()
+    out_json = ctx.work / "bench_case_attack.json"
+    cmd = [sys.executable, BENCH_CASE, "--device", ctx.args.device, "--plans", Path(ctx.dataset["folder"]) /
+           "nnUNetPlans.json", "--configurations", "2d", "--repeats", "1", "--json", out_json]
+    rec["bench_command"] = " ".join(str(c) for c in cmd[1:])
+    bench = run_one(ctx, Job("bench_case_attack", cmd, dict(ctx.env), ctx.work / "logs" / "bench_case.log"))
+    if bench.result["status"] != "ok":
+        rec["bench_log_tail"] = log_tail(bench.log)
+        raise PartError(f"bench_case_attack.py failed (exit {bench.result['rc']})")
+    rec["bench"] = [{k: r[k] for k in ("configuration", "scale", "shape", "windows", "mirrors", "case_bytes",
+                                       "peak_above_bytes", "step_s", "bare_s")} for r in json.loads(out_json.read_text())]
+    one = rec["bench"][0]
+    for r in rec["bench"]:
+        ctx.report.say(f"case scope {r['configuration']} x{r['scale']}: peak above the case's arrays "
+                       f"{r['peak_above_bytes'] / 2**20:.1f} MiB (x{r['peak_above_bytes'] / one['peak_above_bytes']:.2f} "
+                       f"of 1x), {r['step_s']:.3f} s/step = x{r['step_s'] / r['bare_s']:.2f} of the bare passes")
 
 
 # ------------------------------------------------------------------------------------------ markdown
@@ -807,8 +825,17 @@ def md_attack(rec: dict) -> list[str]:
 def md_case_scope(rec: dict) -> list[str]:
     if "wall_s" not in rec:
         return []
-    return [f"{rec.get('model')}: {rec['wall_s']:.1f} s, peak {_f(rec.get('peak_mib'), '.0f')} MiB; "
-            + ", ".join(f"{m}: {v['slices_per_s']:.2f} slices/s" for m, v in rec.get("models", {}).items())]
+    out = [f"{rec.get('model')}: {rec['wall_s']:.1f} s, peak {_f(rec.get('peak_mib'), '.0f')} MiB; "
+           + ", ".join(f"{m}: {v['slices_per_s']:.3f} cases/s" for m, v in rec.get("models", {}).items())]
+    if rec.get("bench"):
+        one = rec["bench"][0]
+        out += ["", "| model | case | shape | windows x mirrors | peak above case arrays MiB | vs 1x | s/step | "
+                    "step / bare |", "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['configuration']} | {r['scale']}x | {'x'.join(map(str, r['shape']))} | {r['windows']} x "
+                f"{r['mirrors']} | {r['peak_above_bytes'] / 2**20:.1f} | "
+                f"{r['peak_above_bytes'] / one['peak_above_bytes']:.2f} | {r['step_s']:.3f} | "
+                f"{r['step_s'] / r['bare_s']:.2f} |" for r in rec["bench"]]
+    return out
 
 
 SECTIONS = {"setup": md_setup, "train": md_train, "bench": md_bench, "attack": md_attack,

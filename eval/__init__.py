@@ -12,5 +12,7 @@ Modules: :mod:`.cli` (options), :mod:`.pipeline` (the steps of a run), :mod:`.mo
 model's Dice+CE attack loss), :mod:`.data` (cases, samples, padding, batches, label check),
 :mod:`.runner` (attacks, counts, sanity checks), :mod:`.metrics` (ADI conventions / TVDI / 3D Dice,
 worst case), :mod:`.provenance` (what produced a result), :mod:`.report` (store, CSV, JSON,
-``read_table``, table, plot, examples).
+``read_table``, table, plot, examples). ``--scope case`` (whole cases through nnU-Net's sliding-window
+predictor, scored as deployed): :mod:`.case_predictor`, :mod:`.case_scope`, :mod:`.case_metrics`,
+:mod:`.case_checks`, :mod:`.case_examples`.
 """

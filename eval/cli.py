@@ -2,6 +2,7 @@
 
     nnunet-ima-attack -d 4 -c 2d -f 0 -tr nnUNetTrainer nnUNetTrainerIMA --eps 2 6 10 -o results/
     nnunet-ima-attack ... --suite strong        # SegPGD, CosPGD, APGD (SEA's losses) and the per-sample worst
+    nnunet-ima-attack ... --scope sample case   # also whole cases through nnU-Net's predictor, scored as deployed
 
 prints the papers' table (rows = models; columns = clean, P. eps..., IF. eps..., W. eps...) and writes
 results.csv, results.json, samples/, robustness.png (and examples/ with --save-examples N) to -o.
@@ -17,6 +18,7 @@ from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, check_
     spelling
 
 from .attacks import ATTACKS, step_settings
+from .case_scope import BUDGETS, SCOPES
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
 from .runner import ITERATES, STRONG_APGD_STEPS, SUITES, WORST, AttackSettings
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, COMMAND, "seed", default=0, help="seed of the attacks' random starts")
     p.add_argument("--no-sanity", action="store_true", help="skip the extra sanity-check attacks")
     add_option(p, COMMAND, "quiet", help="no progress bars")
+    _case_options(p)
     return p
 
 
@@ -92,6 +95,23 @@ def _add_step_options(p) -> None:
             add_option(p, COMMAND, setting, default=getattr(defaults, setting), help=f"iterations of {', '.join(names)}")
 
 
+def _case_options(p) -> None:
+    """The case scope's options (README, "The case scope")."""
+    add_option(p, COMMAND, "scope", default=["sample"],
+               help="sample = each 2d slice / 3d patch tile attacked and scored on its own (the papers'); case = "
+                    "whole preprocessed cases attacked through nnU-Net's sliding-window predictor and scored as "
+                    "nnUNetv2_predict would predict them, in the original geometry; both: --scope sample case")
+    p.add_argument("--tile-step", type=float, default=0.5,
+                   help="case scope: nnU-Net's tile step of the sliding window (nnUNetv2_predict -step_size)")
+    p.add_argument("--no-mirroring", action="store_true",
+                   help="case scope: no test-time mirroring (nnUNetv2_predict --disable_tta); default: the "
+                        "checkpoint's mirroring axes, as nnUNetv2_predict")
+    p.add_argument("--case-budget", choices=list(BUDGETS), default="blocks",
+                   help="case scope: blocks = each slice (2d model) / patch-grid tile (3d model) of a case in its own "
+                        "eps-ball, as in the sample scope; whole = one ball over the whole case (L2: radius eps x "
+                        "sqrt(number of blocks); Linf: the same set as blocks)")
+
+
 def _check_numbers(args) -> None:
     counts = [(spelling(s), getattr(args, s)) for s in step_settings()] + [("--batch-size", args.batch_size)]
     for flag, value in counts:
@@ -101,6 +121,11 @@ def _check_numbers(args) -> None:
         raise EvalError(f"--max-samples must be >= 1, got {args.max_samples}")
     if args.save_examples < 0:
         raise EvalError(f"--save-examples must be >= 0, got {args.save_examples}")
+    if not 0 < args.tile_step <= 1:
+        raise EvalError(f"--tile-step must be in (0, 1], got {args.tile_step:g}")
+    unknown = [sc for sc in args.scope if sc not in SCOPES]
+    if unknown:
+        raise EvalError(f"--scope: unknown {', '.join(unknown)}; use {' and/or '.join(SCOPES)}")
 
 
 def _check_attacks(args) -> None:

@@ -40,11 +40,15 @@ from .images import read_case
 
 @dataclass
 class Case:
-    """One preprocessed case: ``image`` (C, *spatial) float32, ``label`` (*spatial) int16."""
+    """One preprocessed case: ``image`` (C, *spatial) float32, ``label`` (*spatial) int16; for the case
+    scope also nnU-Net's ``properties`` of the case (what its export needs to restore the original
+    geometry) and the raw ``label_file`` it is scored against."""
 
     name: str
     image: np.ndarray
     label: np.ndarray
+    properties: dict | None = None
+    label_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,12 @@ def load_fold_cases(model, fold: str, cases: list[str] | None = None) -> list[Ca
             raise EvalError(f"cases not in fold {fold}'s validation set: {', '.join(missing)}")
         ids = [i for i in ids if i in set(cases)]
     dataset = dataset_class(str(folder), identifiers=list(ids))
+    ending = model.dataset_json["file_ending"]
     out = []
     for cid in sorted(ids):
-        data, seg, _, _ = dataset.load_case(cid)
-        out.append(Case(cid, np.asarray(data[:], dtype=np.float32), _clean_label(np.asarray(seg[:])[0])))
+        data, seg, _, props = dataset.load_case(cid)
+        out.append(Case(cid, np.asarray(data[:], dtype=np.float32), _clean_label(np.asarray(seg[:])[0]), props,
+                        str(root / "gt_segmentations" / f"{cid}{ending}")))
     if not out:
         raise EvalError(f"fold {fold} has no validation cases")
     return out
@@ -166,8 +172,8 @@ def load_raw_cases(model, images, labels) -> list[Case]:
     out = []
     for cid, image_files, lab in files:
         data, seg, props = read_case(reader, cid, image_files, lab, len(image_files))
-        data, seg, _ = pre.run_case_npy(data, seg, props, pm, cm, dj)
-        out.append(Case(cid, np.asarray(data, np.float32), _clean_label(seg[0])))
+        data, seg, props = pre.run_case_npy(data, seg, props, pm, cm, dj)
+        out.append(Case(cid, np.asarray(data, np.float32), _clean_label(seg[0]), props, str(lab)))
     return out
 
 

@@ -2,10 +2,11 @@
 
 1. :func:`prepare` - every check that needs no model (dataset, checkpoints, test-data layout), the
    fingerprints of what produces each result, and the result store. Nothing is written yet.
-2. :func:`evaluate_model` - per model: which results and sanity checks can be reused (same settings
-   and same inputs) and which must be computed (saying why); load the model and data only if something
-   is to be computed; check the label values and eps against the inputs; attack (each finished result
-   saved with its rows at once); sanity checks (stored like results).
+2. :func:`evaluate_model` - per model and scope (``--scope``: slices / patch tiles, and / or whole cases
+   through nnU-Net's predictor, :mod:`.case_scope`): which results and sanity checks can be reused (same
+   settings and same inputs) and which must be computed (saying why); load the model and data only if
+   something is to be computed; check the label values and eps against the inputs; attack (each finished
+   result saved with its rows at once); sanity checks (stored like results).
 3. :func:`publish` - the figures of every result (ADI convention of this run, the "worst" group:
    per sample the lowest Dice over clean and every attack at that eps), the checks (stored sanity checks,
    every stored run's budget, monotonicity), results.json / results.csv, tables, plot.
@@ -22,8 +23,10 @@ import numpy as np
 from nnunet_ima.eps_scale import scale_problems
 from nnunet_ima.ui import warn
 
-from . import report
+from . import case_checks, case_scope, report
 from .attacks import step_settings
+from .case_metrics import case_summary
+from .case_scope import CASE, SAMPLE, scope_of
 from .data import check_label_values, load_fold_cases, load_raw_cases, raw_case_files
 from .errors import EvalError
 from .images import check_raw_cases
@@ -50,6 +53,8 @@ class Plan:
     store: report.ResultStore
     checkpoints: dict              # trainer -> checkpoint path
     data: dict = field(default_factory=dict)  # trainer -> {"images": digest, "labels": digest}
+    scopes: list = field(default_factory=lambda: [SAMPLE])  # --scope: "sample" and / or "case"
+    case: case_scope.CaseSettings = field(default_factory=case_scope.CaseSettings)  # the case scope's predictor
 
     @property
     def out(self) -> Path:
@@ -78,8 +83,12 @@ def prepare(args) -> Plan:
     store = report.ResultStore(Path(args.output), overwrite=args.overwrite)
     for m in store.messages:
         print(m)
-    return Plan(args, name, source, sorted(set(args.eps)), [a for a in args.attacks if a != WORST],
-                WORST in args.attacks, settings, store, ckpts)
+    scopes = [sc for sc in case_scope.SCOPES if sc in args.scope]
+    case = case_scope.CaseSettings(args.tile_step, not args.no_mirroring, args.case_budget)
+    plan = Plan(args, name, source, sorted(set(args.eps)), [a for a in args.attacks if a != WORST],
+                WORST in args.attacks, settings, store, ckpts, scopes=scopes, case=case)
+    case_scope.check_case_scope(plan)
+    return plan
 
 
 # ------------------------------------------------------------------------------------- run keys
@@ -89,9 +98,18 @@ def common_key(plan: Plan, tr: str) -> dict:
             "checkpoint": a.checkpoint, "source": plan.source, "max_samples": a.max_samples}
 
 
-def run_keys(plan: Plan, tr: str) -> list[dict]:
-    """The clean run and every (attack, eps) run of model ``tr``, with the settings that define them."""
+def run_keys(plan: Plan, tr: str, scope: str | None = None) -> list[dict]:
+    """The clean run and every (attack, eps) run of model ``tr`` in each scope of ``--scope`` (or in
+    ``scope`` alone), with the settings that define them."""
+    scopes = plan.scopes if scope is None else [scope]
     c, s = common_key(plan, tr), plan.settings
+    case = case_scope.case_keys(c, s, plan.case, plan.attacks, plan.eps_list) if CASE in scopes else []
+    return (sample_keys(plan, tr) if SAMPLE in scopes else []) + case
+
+
+def sample_keys(plan: Plan, tr: str) -> list[dict]:
+    """The sample scope's runs (slices / patch tiles, each attacked on its own)."""
+    c, s = {**common_key(plan, tr), "scope": SAMPLE}, plan.settings
     # the clean run carries the norm too: every row names the norm its table's eps are measured in
     keys = [{**c, "attack": CLEAN, "eps": 0.0, "norm": s.norm, "loss": "-", "steps": 0, "seed": "-",
              "batch_size": "-", "iterate": "-"}]
@@ -100,8 +118,8 @@ def run_keys(plan: Plan, tr: str) -> list[dict]:
     return keys
 
 
-def inputs_of(plan: Plan, tr: str) -> dict:
-    """Fingerprints of what produces model ``tr``'s results (see :mod:`.provenance`)."""
+def inputs_of(plan: Plan, tr: str, scope: str = SAMPLE) -> dict:
+    """Fingerprints of what produces model ``tr``'s results in ``scope`` (see :mod:`.provenance`)."""
     a = plan.args
     if tr not in plan.data:
         ident = None
@@ -114,7 +132,8 @@ def inputs_of(plan: Plan, tr: str) -> dict:
         folder = plan.checkpoints[tr].parent.parent  # the model's plans.json and dataset.json: network and preprocessing
         plan.data[tr] = {"plans": files_digest([folder / "plans.json", folder / "dataset.json"], folder),
                          **data_inputs(plan.source, a.images, a.labels, pre, ident, a.fold)}
-    return {"checkpoint": file_digest(plan.checkpoints[tr]), **plan.data[tr], "code": CODE_VERSION}
+    inputs = {"checkpoint": file_digest(plan.checkpoints[tr]), **plan.data[tr], "code": CODE_VERSION}
+    return case_scope.case_inputs(plan, inputs) if scope == CASE else inputs
 
 
 def split_reusable(plan: Plan, tr: str, keys: list[dict], inputs: dict) -> tuple[dict, list]:
@@ -179,43 +198,66 @@ def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
 
 
 def evaluate_model(plan: Plan, tr: str) -> dict:
-    """Counts of every run of model ``tr`` ({row key: Counts}) and its sanity checks in the store; computes
-    only what cannot be reused."""
-    keys, inputs = run_keys(plan, tr), inputs_of(plan, tr)
-    found, todo = split_reusable(plan, tr, keys, inputs)
-    stored, why = (None, "new") if plan.args.no_sanity else plan.store.lookup_checks(sanity_key(plan, tr), inputs)
-    checks_todo = not plan.args.no_sanity and stored is None
-    if checks_todo and why != "new":
-        print(f"{tr}: recomputing the sanity checks: {why}")
-    if not todo and not checks_todo:
-        print(f"{tr}: all {len(keys)} results{'' if plan.args.no_sanity else ' and the sanity checks'} already in "
+    """Counts of every run of model ``tr`` in each scope ({row key: Counts}) and its sanity checks in the
+    store; computes only what cannot be reused."""
+    inputs = {sc: inputs_of(plan, tr, sc) for sc in plan.scopes}
+    found, todo, checks_todo = {}, {}, []
+    for sc in plan.scopes:
+        reused, new = split_reusable(plan, tr, run_keys(plan, tr, sc), inputs[sc])
+        found.update(reused)
+        todo[sc] = new
+        if not plan.args.no_sanity:
+            stored, why = plan.store.lookup_checks(sanity_key(plan, tr, sc), inputs[sc])
+            if stored is None:
+                checks_todo.append(sc)
+                if why != "new":
+                    print(f"{tr}: recomputing the {sc}-scope sanity checks: {why}")
+    n = len(run_keys(plan, tr))
+    if not any(todo.values()) and not checks_todo:
+        print(f"{tr}: all {n} results{'' if plan.args.no_sanity else ' and the sanity checks'} already in "
               f"{plan.store.json_path} with unchanged checkpoint, data and settings (use --overwrite to recompute)")
         return found
     ev = load_evaluator(plan, tr)
-    print(f"{tr}: {len(ev.cases)} cases, {len(ev.refs)} {'slices' if ev.dim == 2 else 'patches'} in "
-          f"{len(ev.batches)} batches; {len(todo)} of {len(keys)} results to compute"
-          + ("; the sanity checks" if checks_todo else ""))
-    compute_runs(plan, ev, tr, keys, todo, inputs, found)
-    if checks_todo:
-        plan.store.put_checks(sanity_key(plan, tr), inputs, sanity_checks(plan, ev, keys, found))
+    if SAMPLE in plan.scopes and (todo[SAMPLE] or SAMPLE in checks_todo):
+        print(f"{tr}: {len(ev.cases)} cases, {len(ev.refs)} {'slices' if ev.dim == 2 else 'patches'} in "
+              f"{len(ev.batches)} batches; {len(todo[SAMPLE])} of {len(run_keys(plan, tr, SAMPLE))} results to "
+              f"compute" + ("; the sanity checks" if SAMPLE in checks_todo else ""))
+        compute_runs(plan, ev, tr, todo[SAMPLE], inputs[SAMPLE], found)
+        if SAMPLE in checks_todo:
+            plan.store.put_checks(sanity_key(plan, tr, SAMPLE), inputs[SAMPLE],
+                                  sanity_checks(plan, ev, run_keys(plan, tr, SAMPLE), found))
+    if CASE in plan.scopes and (todo[CASE] or CASE in checks_todo):
+        cev, clean = case_scope.evaluate_cases(plan, ev, todo[CASE], inputs[CASE],
+                                               lambda k, run, extra: keep_result(plan, tr, k, inputs[CASE], run,
+                                                                                 extra, found))
+        if CASE in checks_todo:
+            plan.store.put_checks(sanity_key(plan, tr, CASE), inputs[CASE],
+                                  case_checks.case_sanity_checks(plan, cev, clean, run_keys(plan, tr, CASE), found))
     return found
 
 
-def compute_runs(plan: Plan, ev: Evaluator, tr: str, keys: list, todo: list, inputs: dict, found: dict) -> None:
-    """Compute the runs of ``todo``; each is saved at once with its budget measure, examples and rows."""
+def keep_result(plan: Plan, tr: str, k: dict, inputs: dict, evaluation, extra: dict, found: dict) -> None:
+    """Store one finished run (with ``extra``: versions, budget measure, examples) and save the rows of what
+    finished: readable after an interruption."""
+    plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, extra.pop("classes"), extra)
+    found[report.row_key(k)] = evaluation.counts
+    plan.store.replace_model(identity(common_key(plan, tr)), *figures(plan, tr, found))
+    plan.store.save()
+
+
+def compute_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: dict, found: dict) -> None:
+    """Compute the sample scope's runs of ``todo``; each is saved at once with its budget measure, examples
+    and rows."""
     keep = _choose_examples(ev, plan.args.save_examples)
     attacks_todo = [k for k, _ in todo if k["attack"] != CLEAN]
     clean = ev.run(CLEAN, 0.0, keep=keep) if len(attacks_todo) < len(todo) or (keep and attacks_todo) else None
     for k, _ in todo:
         evaluation = clean if k["attack"] == CLEAN else ev.run(k["attack"], k["eps"], keep=keep)
-        extra = {"versions": versions()}
+        extra = {"versions": versions(), "classes": ev.model.class_names}
         if k["attack"] != CLEAN:
             extra["budget"] = budget_measure(evaluation)
             extra.update(_say_and_save_examples(plan, ev, evaluation, clean))
-        plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, ev.model.class_names, extra)
-        found[report.row_key(k)] = evaluation.counts
-        plan.store.replace_model(identity(keys[0]), *figures(plan, tr, found))
-        plan.store.save()  # the rows of what finished: readable after an interruption
+        keep_result(plan, tr, k, inputs, evaluation, extra, found)
 
 
 def _say_and_save_examples(plan: Plan, ev: Evaluator, evaluation, clean) -> dict:
@@ -241,11 +283,13 @@ def middle_eps(eps_list: list) -> float | None:
     return pos[len(pos) // 2] if pos else None
 
 
-def sanity_key(plan: Plan, tr: str) -> dict:
-    """What defines model ``tr``'s sanity checks besides its inputs: the model, the test data, the attacks,
-    the noise levels and every attack setting (the checks run the attacks and compare with their results)."""
-    return {**common_key(plan, tr), "checks": "sanity", "attacks": list(plan.attacks), "eps": list(plan.eps_list),
-            **asdict(plan.settings)}
+def sanity_key(plan: Plan, tr: str, scope: str = SAMPLE) -> dict:
+    """What defines model ``tr``'s sanity checks in ``scope`` besides its inputs: the model, the test data,
+    the attacks, the noise levels and every attack setting (the checks run the attacks and compare with
+    their results); in the case scope also the predictor settings."""
+    key = {**common_key(plan, tr), "checks": "sanity", "attacks": list(plan.attacks), "eps": list(plan.eps_list),
+           **asdict(plan.settings)}
+    return key if scope == SAMPLE else {**key, **case_scope.case_settings_key(plan.case)}
 
 
 def sanity_checks(plan: Plan, ev: Evaluator, keys: list[dict], found: dict) -> list[dict]:
@@ -274,14 +318,18 @@ def sanity_checks(plan: Plan, ev: Evaluator, keys: list[dict], found: dict) -> l
 
 
 def model_checks(plan: Plan, tr: str, rows: list[dict]) -> list[dict]:
-    """What is printed for model ``tr``: its stored sanity checks (when made from these inputs and settings),
-    the budget check of every stored run of each attack, the monotonicity checks of its rows."""
-    stored, _ = plan.store.lookup_checks(sanity_key(plan, tr), inputs_of(plan, tr))
-    keys = run_keys(plan, tr)
-    budgets = [budget_check(tr, plan.settings.norm, a, [plan.store.run_of(k) for k in keys if k["attack"] == a])
-               for a in plan.attacks]
+    """What is printed for model ``tr``, per scope: its stored sanity checks (when made from these inputs and
+    settings), the budget check of every stored run of each attack, the monotonicity checks of its rows."""
+    out = []
+    for sc in plan.scopes:
+        stored, _ = plan.store.lookup_checks(sanity_key(plan, tr, sc), inputs_of(plan, tr, sc))
+        keys = run_keys(plan, tr, sc)
+        budgets = [budget_check(tr, plan.settings.norm, a, [plan.store.run_of(k) for k in keys if k["attack"] == a])
+                   for a in plan.attacks]
+        mono = monotonicity_checks([r for r in rows if scope_of(r) == sc])
+        out += (stored or []) + (budgets + mono if sc == SAMPLE else [case_checks.tagged(c) for c in budgets + mono])
     ident = {k: v for k, v in common_key(plan, tr).items() if k not in ("source", "max_samples")}
-    return [{**c, **ident, "model": tr} for c in (stored or []) + budgets + monotonicity_checks(rows)]
+    return [{**c, **ident, "model": tr} for c in out]
 
 
 # ------------------------------------------------------------------------------------- publish
@@ -291,30 +339,40 @@ def _classes(plan: Plan, key: dict) -> dict:
 
 
 def figures(plan: Plan, tr: str, found: dict) -> tuple[list[dict], list[dict]]:
-    """Rows and per-case rows of model ``tr`` from the counts of ``found`` (this run's ADI convention; the
-    runs not found yet are left out), with the "worst" group when asked and complete at an eps: per
-    sample the lowest Dice over clean and every attack at that eps."""
-    conv = plan.settings.convention
-    keys = [k for k in run_keys(plan, tr) if report.row_key(k) in found]
-    if not keys or keys[0]["attack"] != CLEAN:
-        return [], []
-    classes = _classes(plan, keys[0])
-    items = [(k, found[report.row_key(k)], plan.store.run_of(k)["seconds"]) for k in keys]
-    clean = items[0][1]
-    for e in plan.eps_list if plan.worst else []:
+    """Rows and per-case rows of model ``tr`` from the counts of ``found`` (the runs not found yet are left
+    out), per scope: the sample scope in this run's ADI convention, the case scope with nnU-Net's rules
+    (:mod:`.case_metrics`); with the "worst" group when asked and complete at an eps: per sample (case)
+    the lowest Dice over clean and every attack at that eps."""
+    rows, per_case = [], []
+    for scope in plan.scopes:
+        keys = [k for k in run_keys(plan, tr, scope) if report.row_key(k) in found]
+        if not keys or keys[0]["attack"] != CLEAN:
+            continue
+        conv = plan.settings.convention if scope == SAMPLE else "project"  # the case scope's per-case rule
+        summary = (lambda c: summarize(c, plan.settings.convention)) if scope == SAMPLE else case_summary
+        items = [(k, found[report.row_key(k)], plan.store.run_of(k)["seconds"]) for k in keys]
+        items += _worst_items(plan, items, conv) if plan.worst else []
+        classes = _classes(plan, keys[0])
+        for k, counts, seconds in items:
+            s = summary(counts)
+            rows += report.make_rows(k, s, classes, seconds)
+            per_case += [{**k, "case": c, "dice3d": v} for c, v in s["dice3d_per_case"].items()]
+    return rows, per_case
+
+
+def _worst_items(plan: Plan, items: list, conv: str) -> list:
+    """Per eps where every attack finished, the "worst" group of one scope's (key, counts, seconds) items
+    (the clean run first)."""
+    clean, out = items[0][1], []
+    for e in plan.eps_list:
         group = [(k, c, t) for k, c, t in items if k["attack"] != CLEAN and k["eps"] == e]
         if len(group) < len(plan.attacks):
             continue
         counts, _ = worst_counts(clean, [c for _, c, _ in group], conv)
         key = {**group[0][0], "attack": WORST, "steps": 0, "iterate": "-",
                "worst_of": ",".join([CLEAN] + [k["attack"] for k, _, _ in group])}
-        items.append((key, counts, sum(t for _, _, t in group)))
-    rows, per_case = [], []
-    for k, counts, seconds in items:
-        s = summarize(counts, conv)
-        rows += report.make_rows(k, s, classes, seconds)
-        per_case += [{**k, "case": c, "dice3d": v} for c, v in s["dice3d_per_case"].items()]
-    return rows, per_case
+        out.append((key, counts, sum(t for _, _, t in group)))
+    return out
 
 
 def publish(plan: Plan, results: dict) -> None:
@@ -334,6 +392,8 @@ def publish(plan: Plan, results: dict) -> None:
         print(report.table(rows, metric))
         print()
     print(f"ADI convention: {plan.settings.convention} (the paper's tables used the authors' code: --adi paper)")
+    if CASE in plan.scopes:
+        print(case_scope.describe(plan.case))
     print("Sanity checks:")
     print(report.format_checks(checks))
     if plan.args.no_sanity and not any(c["check"].startswith("eps0") for c in checks):

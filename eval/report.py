@@ -9,8 +9,10 @@
   recomputed from the counts, so adding ``worst`` needs no new attack, nor does changing ``--adi``
   except for runs that keep their best iterate (APGD, ``--iterate best``): their point is the one with
   the lowest Dice of the convention, so another convention is another run.
-* ``rows`` (also ``results.csv``): one per (model, attack, eps, class) with ADI, TVDI and per-case 3D
-  Dice (class "mean" = over foreground classes), for the last run's selection plus the rows of models
+* ``rows`` (also ``results.csv``): one per (model, scope, attack, eps, class) with ADI, TVDI and per-case 3D
+  Dice (class "mean" = over foreground classes; ``scope`` "sample" = slices / patch tiles attacked one by
+  one, "case" = whole cases through nnU-Net's predictor, :mod:`.case_scope`, figures with nnU-Net's rules,
+  :mod:`.case_metrics`), for the last run's selection plus the rows of models
   it did not touch. ``attack`` "worst" = per sample the lowest Dice over clean and the attacks at that eps.
 
 * ``sanity``: the attack-strength sanity checks of each model and selection, stored like runs (the
@@ -42,14 +44,16 @@ from nnunet_ima.eps_scale import NORM_NAMES
 from nnunet_ima.plumbing import atomic_write, atomic_write_text, to_plain
 from nnunet_ima.ui import pyplot
 
+from .case_metrics import CASE_KEY_FIELDS, SAMPLE, case_dice, scope_of
 from .metrics import DEFAULT_ADI, MEAN, Counts, sample_dice, worst_counts
 from .naming import identity, name_models, trainer_of
 from .results_file import ResultsFileError, _row_problem, inside, read_results
 
 RESULTS_VERSION = 2
 FIELDS = ["model", "attack", "eps", "class", "class_id", "adi", "tvdi", "dice3d", "n_samples", "n_empty",
-          "adi_convention", "norm", "loss", "steps", "iterate", "worst_of", "seed", "batch_size", "trainer", "dataset",
-          "configuration", "plans", "fold", "checkpoint", "source", "max_samples", "seconds"]
+          "adi_convention", "norm", "loss", "steps", "iterate", "worst_of", "seed", "batch_size", "scope", "tile_step",
+          "mirroring", "budget", "trainer", "dataset", "configuration", "plans", "fold", "checkpoint", "source",
+          "max_samples", "seconds"]
 # settings that define a run (besides its inputs): a rerun reuses a finished run only if all of these match
 # ("iterate": "final", or "best-<ADI convention>" for a run that keeps each sample's lowest-Dice iterate)
 KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "iterate", "seed", "batch_size", "dataset",
@@ -57,7 +61,10 @@ KEY_FIELDS = ["model", "attack", "eps", "norm", "loss", "steps", "iterate", "see
 
 
 def row_key(row: dict) -> str:
-    return json.dumps([str(row.get(k)) for k in KEY_FIELDS])
+    """The identity of a run: :data:`KEY_FIELDS`, and for the case scope also its scope, tile step, mirroring and
+    budget (a sample-scope key is spelled as before the case scope existed, so earlier results stay reusable)."""
+    extra = [f"{k}={row.get(k)}" for k in CASE_KEY_FIELDS] if scope_of(row) != SAMPLE else []
+    return json.dumps([str(row.get(k)) for k in KEY_FIELDS] + extra)
 
 
 def run_key_of(row: dict) -> str:
@@ -233,9 +240,9 @@ def read_table(out_dir) -> list[dict]:
     return [_typed(r) for r in rows]
 
 
-def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.ndarray]]:
+def read_sample_dice(out_dir, scope: str = SAMPLE) -> dict[tuple[str, str, float], tuple[list, np.ndarray]]:
     """Per-sample Dice behind each ADI of an ``nnunet-ima-attack`` output folder, for paired statistics
-    across models (e.g. a bootstrap over test samples).
+    across models (e.g. a bootstrap over test samples); ``scope="case"``: per-case Dice of the case scope.
 
     Returns {(model, attack, eps): (cases, dice)} for every row of class "mean" in ``results.json``
     (``model``: the row's name, see :func:`read_table`):
@@ -246,6 +253,11 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
     ``dice`` (NaN left out). "worst" rows are rebuilt from the per-sample counts of the rows their
     ``worst_of`` names ("clean" at eps 0), with the rule the evaluation uses (:func:`~.metrics.worst_counts`).
     ``{}`` when the folder holds no ``results.json`` with runs.
+
+    ``scope="case"`` (``--scope case``): the rows of the case scope, one entry per case (whole cases as
+    deployed, scored in their original geometry): ``dice`` is each case's Dice with nnU-Net's rules
+    (:func:`~.case_metrics.case_dice`: the mean of the classes defined in that case, NaN if none is); the
+    "worst" case per case is chosen as the evaluation chooses it (the "project" rule).
     """
     out = Path(out_dir)
     try:
@@ -255,11 +267,12 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
     if parsed is None:
         return {}
     runs = {row_key(r["key"]): r for r in parsed.runs}
-    by_name = {(r["model"], r["attack"], float(r["eps"])): r for r in parsed.rows if r["class"] == MEAN}
+    by_name = {(r["model"], r["attack"], float(r["eps"])): r for r in parsed.rows
+               if r["class"] == MEAN and scope_of(r) == scope}
     counts = {name: _run_counts(out, runs[run_key_of(r)]) for name, r in by_name.items() if run_key_of(r) in runs}
     result = {}
     for (model, attack, eps), r in by_name.items():
-        conv = r.get("adi_convention") or DEFAULT_ADI
+        conv = (r.get("adi_convention") or DEFAULT_ADI) if scope == SAMPLE else "project"  # the case scope's worst
         c = counts.get((model, attack, eps))
         if c is None and r.get("worst_of"):
             names = str(r["worst_of"]).split(",")  # "clean" first, then the attacks (eval/pipeline.py)
@@ -267,7 +280,8 @@ def read_sample_dice(out_dir) -> dict[tuple[str, str, float], tuple[list, np.nda
             ok = len(parts) > 1 and names[0] == "clean" and None not in parts
             c = worst_counts(parts[0], parts[1:], conv)[0] if ok else None
         if c is not None:
-            result[(model, attack, eps)] = (list(c.cases), sample_dice(c, conv).astype(np.float64))
+            dice = sample_dice(c, conv) if scope == SAMPLE else case_dice(c)
+            result[(model, attack, eps)] = (list(c.cases), dice.astype(np.float64))
     return result
 
 
@@ -291,6 +305,7 @@ def _typed(row: dict) -> dict:
         if k in r and r[k] not in (None, ""):
             r[k] = int(float(r[k]))
     r["model"], r["attack"], r["class"] = str(r["model"]), str(r["attack"]), str(r["class"])
+    r["scope"] = scope_of(r)
     return r
 
 
@@ -317,24 +332,49 @@ def norm_note(rows: list[dict]) -> str:
     return f", {'/'.join(NORM_NAMES.get(n, n) for n in norms)} norm" if norms else ""
 
 
+SCOPE_TITLES = {"sample": ("sample scope (slices / tiles)", "sample scope", "sample"),  # longest first: the
+                "case": ("case scope (whole cases, as deployed)", "case scope", "case")}   # one that fits is shown
+
+
+def _scope_title(scope: str, width: int) -> str:
+    """The longest title of ``scope`` that fits ``width`` characters (its name at least)."""
+    titles = SCOPE_TITLES.get(scope, (scope,))
+    return next((t for t in titles if len(t) <= width), titles[-1])
+
+
+def _columns(sel: list[dict]) -> list[tuple]:
+    """(scope, attack, eps) columns: per scope (in order of appearance) clean, then the attacks in table order."""
+    cols = []
+    for scope in dict.fromkeys(scope_of(r) for r in sel):
+        part = [r for r in sel if scope_of(r) == scope]
+        cols.append((scope, "clean", 0.0))
+        for attack in attack_order(part):
+            cols += [(scope, attack, e) for e in sorted({float(r["eps"]) for r in part if r["attack"] == attack})]
+    return cols
+
+
 def table(rows: list[dict], metric: str = "adi", cls: str = MEAN) -> str:
     """The papers' layout (Tables 6-8): rows = models, columns = clean ("S. Dice"), P. eps..., IF. eps...,
-    then any other attack and the "worst" group (W. eps), in percent with two decimals."""
+    then any other attack and the "worst" group (W. eps), in percent with two decimals; one such column
+    group per scope (sample, case), under a line naming the scope when the case scope is there."""
     sel = [r for r in rows if r["class"] == cls]
     models = list(dict.fromkeys(r["model"] for r in sel))
-    cols = [("clean", 0.0)]
-    for attack in attack_order(sel):
-        cols += [(attack, e) for e in sorted({float(r["eps"]) for r in sel if r["attack"] == attack})]
-    names = ["S. Dice" if a == "clean" else f"{SHORT.get(a, a)} {e:g}" for a, e in cols]
-    lookup = {(r["model"], r["attack"], float(r["eps"])): r[metric] for r in sel}
+    cols = _columns(sel)
+    names = ["S. Dice" if a == "clean" else f"{SHORT.get(a, a)} {e:g}" for _, a, e in cols]
+    lookup = {(r["model"], scope_of(r), r["attack"], float(r["eps"])): r[metric] for r in sel}
     width = max([len("Methods")] + [len(m) for m in models])
     cw = max([8] + [len(n) for n in names])
     head = "Methods".ljust(width) + "".join(f"  {n:>{cw}}" for n in names)
     conv = {r.get("adi_convention") for r in sel if r.get("adi_convention")}
     note = f" ({'/'.join(sorted(conv))} convention)" if metric == "adi" and conv else ""
-    lines = [f"{metric.upper()} (%), class {cls}{norm_note(sel)}{note}", head]
+    lines = [f"{metric.upper()} (%), class {cls}{norm_note(sel)}{note}"]
+    scopes = list(dict.fromkeys(sc for sc, _, _ in cols))
+    if scopes != [SAMPLE]:
+        spans = [sum(1 for c in cols if c[0] == sc) * (cw + 2) for sc in scopes]
+        lines.append((" " * width + "".join(f"  {_scope_title(sc, n - 3)}".ljust(n) for sc, n in zip(scopes, spans))).rstrip())
+    lines.append(head)
     for m in models:
-        vals = [lookup.get((m, a, e)) for a, e in cols]
+        vals = [lookup.get((m, sc, a, e)) for sc, a, e in cols]
         lines.append(m.ljust(width) + "".join(f"  {'-' if v is None else f'{100 * v:.2f}':>{cw}}" for v in vals))
     return "\n".join(lines)
 
@@ -353,16 +393,9 @@ def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
     colors = {m: f"C{i % 10}" for i, m in enumerate(models)}  # one colour per model, one line style per attack
     for ax, (key, title) in zip(axes[0], metrics):
         for m in models:
-            clean = [r for r in sel if r["model"] == m and r["attack"] == "clean"]
-            for i, attack in enumerate(attack_order(sel)):
-                style = "-*" if attack == "worst" else STYLES[i % len(STYLES)]
-                pts = sorted((float(r["eps"]), r[key]) for r in sel if r["model"] == m and r["attack"] == attack)
-                if not pts:
-                    continue
-                if clean and not any(e == 0 for e, _ in pts):
-                    pts = [(0.0, clean[0][key])] + pts
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colors[m],
-                        label=f"{m} {attack.upper()}", linewidth=2.5 if attack == "worst" else 1.2)
+            for scope in dict.fromkeys(scope_of(r) for r in sel):  # the case scope: hollow markers, "(case)"
+                _plot_lines(ax, [r for r in sel if r["model"] == m and scope_of(r) == scope], key, colors[m],
+                            attack_order(sel), "" if scope == SAMPLE else f" ({scope})")
         ax.set_xlabel(f"eps (noise level{norm_note(sel)})")
         ax.set_ylabel(f"{title} (%)")
         ax.set_title(title)
@@ -373,6 +406,21 @@ def plot(rows: list[dict], path: Path, cls: str = MEAN) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_lines(ax, sel: list[dict], key: str, color: str, attacks: list, suffix: str) -> None:
+    """One model's lines in one scope: one per attack (eps 0 = clean)."""
+    clean = [r for r in sel if r["attack"] == "clean"]
+    for i, attack in enumerate(attacks):
+        style = "-*" if attack == "worst" else STYLES[i % len(STYLES)]
+        pts = sorted((float(r["eps"]), r[key]) for r in sel if r["attack"] == attack)
+        if not pts:
+            continue
+        if clean and not any(e == 0 for e, _ in pts):
+            pts = [(0.0, clean[0][key])] + pts
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=color, label=f"{sel[0]['model']} "
+                f"{attack.upper()}{suffix}", linewidth=2.5 if attack == "worst" else 1.2,
+                markerfacecolor="none" if suffix else color)
 
 
 # ---------------------------------------------------------------------------------------------- examples

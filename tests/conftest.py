@@ -68,19 +68,36 @@ EVAL_EXT_TRAINERS = Path(__file__).parent / "ext_trainers"
 EVAL_TRAINER = "nnUNetTrainer_evalTiny"
 
 
+def _train(nnunet_tiny, configuration: str, trainer: str) -> NnunetTiny:
+    """The real ``nnUNetv2_train 999 <configuration> 0 -tr <trainer> -device cpu`` on the tiny dataset."""
+    import subprocess
+
+    from nnunet_ima_demo.nnunet_data import nnunet_command
+
+    env = dict(nnunet_tiny.env, nnUNet_extTrainer=str(EVAL_EXT_TRAINERS))
+    cmd = nnunet_command("nnUNetv2_train") + [str(TINY_ID), configuration, "0", "-tr", trainer, "-device", "cpu"]
+    run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if run.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout[-4000:]}")
+    return NnunetTiny(nnunet_tiny.root, env)
+
+
 @pytest.fixture(scope="session")
 def tiny_trained_2d(nnunet_tiny) -> NnunetTiny:
     """A standard nnU-Net model trained with the real ``nnUNetv2_train 999 2d 0 -tr nnUNetTrainer_evalTiny
     -device cpu`` (tests/ext_trainers: 5 epochs x 25 iterations, 20-90 s on 2 cores depending on load).
     The model lands in the tiny dataset's nnUNet_results; ``env`` of the returned object includes
     nnUNet_extTrainer."""
-    import subprocess
+    return _train(nnunet_tiny, "2d", EVAL_TRAINER)
 
-    from nnunet_ima_demo.nnunet_data import nnunet_command
 
-    env = dict(nnunet_tiny.env, nnUNet_extTrainer=str(EVAL_EXT_TRAINERS))
-    cmd = nnunet_command("nnUNetv2_train") + [str(TINY_ID), "2d", "0", "-tr", EVAL_TRAINER, "-device", "cpu"]
-    run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if run.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout[-4000:]}")
-    return NnunetTiny(nnunet_tiny.root, env)
+EVAL_TRAINER_3D = "nnUNetTrainer_evalTinyShort"
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_3d(nnunet_tiny) -> NnunetTiny:
+    """The smallest 3d model nnU-Net trains here: ``nnUNetv2_train 999 3d_fullres 0 -tr
+    nnUNetTrainer_evalTinyShort`` (the tiny dataset's 3d_fullres plan, patch 8 x 32 x 32, the narrow
+    network of nnUNetTrainer_evalTiny, one epoch of 4 iterations: 10-30 s). Its skill is irrelevant:
+    the case-scope tests need a real 3d checkpoint, its plans and its preprocessing."""
+    return _train(nnunet_tiny, "3d_fullres", EVAL_TRAINER_3D)

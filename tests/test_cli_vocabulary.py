@@ -105,7 +105,7 @@ COMMANDS = [
             (["eval", "missing.pt"], ["eval", "x.pt", "--attacks", "pgd", "nope"]), parser=lambda: _classify("eval"),
             required=("x.pt",)),
     Command("train", "nnunet-ima-train", frozenset(), _train_main, ([],), setup=_train_with_a_bad_setting),
-    Command("attack", "nnunet-ima-attack", COMMON | EVALUATION | {"segpgd_steps", "cospgd_steps", "apgd_steps"},
+    Command("attack", "nnunet-ima-attack", COMMON | EVALUATION | {"segpgd_steps", "cospgd_steps", "apgd_steps", "scope"},
             _attack_main, (["-d", "1", "--eps", "1", "-o", "x", "--device", "tpu"],
                            ["-d", "1", "--eps", "1", "-o", "x", "--attacks", "nope"],
                            ["-d", "1", "--eps", "-1", "-o", "x"]),

@@ -58,6 +58,9 @@ VOCABULARY: dict[str, Term] = {
     "overwrite": Term("redo everything in the output folder", ("--overwrite",), _SWITCH),
     "batch_size": Term("batch size", ("--batch-size",), _INT),
     "norm": Term("norm of the perturbations", ("--norm",), {"choices": ("l2", "linf")}),
+    "scope": Term("what is attacked and scored: sample (each 2d slice / 3d patch tile on its own), case (whole "
+                  "cases through nnU-Net's sliding-window predictor, scored as deployed)", ("--scope",),
+                  {"action": SpaceList, "metavar": "SCOPE"}),
 }
 
 
