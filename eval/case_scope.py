@@ -99,7 +99,7 @@ def case_settings_key(case: CaseSettings) -> dict:
 def case_keys(common: dict, settings, case: CaseSettings, attacks: list, eps_list: list) -> list[dict]:
     """The clean run and every (attack, eps) run of the case scope: the sample scope's settings plus the
     scope, the predictor's (tile step, mirroring) and the budget; no batch size (one case at a time)."""
-    base = {**common, "batch_size": "-", **case_settings_key(case)}
+    base = {**common, "batch_size": settings.batch_size, **case_settings_key(case)}
     keys = [{**base, "attack": CLEAN, "eps": 0.0, "norm": settings.norm, "loss": "-", "steps": 0, "seed": "-",
              "iterate": "-", "budget": "-"}]
     keys += [{**base, "attack": a, "eps": e, "norm": settings.norm, "loss": settings.loss, "steps": settings.steps(a),
@@ -126,7 +126,8 @@ class CaseEvaluator:
     def __init__(self, ev: Evaluator, settings: CaseSettings, cases: list[int] | None = None):
         self.ev, self.model, self.settings = ev, ev.model, settings
         self.indices = sorted({r.case for r in ev.refs}) if cases is None else list(cases)
-        self.predictor = CasePredictor.from_model(ev.model, settings.tile_step, settings.mirroring)
+        self.predictor = CasePredictor.from_model(ev.model, settings.tile_step, settings.mirroring,
+                                                  window_batch=ev.settings.batch_size)  # --batch-size windows a call
         self.progress = ev.progress
 
     @property
