@@ -49,6 +49,8 @@ def check_numbers(args) -> None:
         _at_least_one(flag, getattr(args, _dest(flag)))
     if args.seed < 0:
         raise DemoArgumentError("--seed", args.seed, "an integer >= 0")
+    if args.case_pgd_steps < 0:
+        raise DemoArgumentError("--case-pgd-steps", args.case_pgd_steps, "an integer >= 0 (0: no case scope)")
     if args.initial_lr is not None and not (math.isfinite(args.initial_lr) and args.initial_lr > 0):
         raise DemoArgumentError("--initial-lr", args.initial_lr, "a learning rate > 0")
     if not 1 <= args.dataset_id <= 999:

@@ -39,7 +39,7 @@ from . import records
 from .checks import DemoArgumentError, check_args
 from .mni import DATASET_NAME
 from .nnunet_data import dataset_folder_name, nnunet_command, plan_and_preprocess, write_raw_dataset
-from .verdict import TRAINERS, say, verdict
+from .verdict import TRAINERS, case_verdict, middle_eps, say, verdict
 
 DATASET_ID = 990
 DEMO_PLANS = "nnUNetPlansDemo"
@@ -79,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_option(p, COMMAND, "eps", default=[0.0, 2.0, 5.0, 10.0],
                help="L2 noise levels for the evaluation (default 0 2 5 10)")
     add_option(p, COMMAND, "pgd_steps", default=100, help="PGD steps in the evaluation (paper: 100)")
+    p.add_argument("--case-pgd-steps", type=int, default=20,
+                   help="PGD steps of the attack on whole test cases through nnU-Net's sliding-window predictor, "
+                        "scored as deployed (nnunet-ima-attack --scope case), at the middle eps; 0 = skip it "
+                        "(default 20: each step predicts every window with mirroring, about 20x a slice step here)")
     add_option(p, COMMAND, "ifgsm_steps", default=10, help="IFGSM steps in the evaluation (paper: 10)")
     p.add_argument("--features", type=int, nargs="+", default=[8, 16, 32, 64, 128],
                    help="feature maps per stage of the demo network (default 8 16 32 64 128)")
@@ -320,6 +324,29 @@ def attack_command(args: argparse.Namespace, raw: Path, plans: str, out: Path, t
     return cmd + (["--overwrite"] if args.overwrite else [])
 
 
+def case_attack_command(args: argparse.Namespace, raw: Path, plans: str, out: Path) -> list[str]:
+    """``nnunet-ima-attack --scope case``: the three models' whole test cases through nnU-Net's predictor, PGD
+    at the verdict's eps (``--case-pgd-steps``), scored as ``nnUNetv2_predict`` would predict them."""
+    cmd = nnunet_command("nnunet-ima-attack") + [
+        "-d", str(args.dataset_id), "-c", "2d", "-f", "0", "-p", plans, "-tr", *TRAINERS,
+        "-i", str(raw / "imagesTs"), "-l", str(raw / "labelsTs"), "--scope", "case",
+        "--eps", *[f"{e:g}" for e in middle_eps(args.eps)], "--attacks", "pgd",
+        "--pgd-steps", str(args.case_pgd_steps), "-o", str(out), "--device", args.device]
+    return cmd + (["--overwrite"] if args.overwrite else [])
+
+
+def attack_cases(args: argparse.Namespace, env: dict, raw: Path, plans: str, logdir: Path) -> Path | None:
+    """Step 5: the case scope of the first seed's three models into ``demo_robustness_case/`` (None when
+    ``--case-pgd-steps 0``)."""
+    if not args.case_pgd_steps:
+        return None
+    out = Path(env["nnUNet_results"]).parent / "demo_robustness_case"
+    say(f"attacking {', '.join(TRAINERS)} (seed {args.seed}) on whole test cases through nnU-Net's predictor "
+        f"(PGD-{args.case_pgd_steps} at eps {' '.join(f'{e:g}' for e in middle_eps(args.eps))}, scored as deployed)")
+    _stream(case_attack_command(args, raw, plans, out), env, logdir / "attack_case.log", show=None)
+    return out
+
+
 def attack_models(args: argparse.Namespace, env: dict, raw: Path, plans: str, logdir: Path) -> dict:
     """Step 4: the three models of the first seed into ``demo_robustness/``, SAT and IMA of every
     further seed into its ``demo_repeats/seed_<s>/robustness/``; returns {seed: output folder}."""
@@ -356,7 +383,10 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in library_versions().items()))
     train_models(args, env, plans, sched, logdir)
     folders = attack_models(args, env, raw, plans, logdir)
+    case_folder = attack_cases(args, env, raw, plans, logdir)
     verdict(folders, args.eps, note=STUDY_NOTE if at_defaults(args) else None)
+    if case_folder is not None:
+        case_verdict(case_folder, args.eps, args.case_pgd_steps)
     out = folders[args.seed]
     say(f"done in {(time.time() - t0) / 60:.1f} min (seed {args.seed}, {args.repeats} seed(s) of SAT and IMA). "
         f"Results: {out} (results.csv, results.json, plots); models: {Path(env['nnUNet_results']) / raw.name}")

@@ -247,3 +247,31 @@ def verdict(folders, eps: list[float], note: str | None = None) -> list[Judgemen
     if note and runs:
         say(note)
     return [j for _, _, j in runs]
+
+
+def case_verdict(folder, eps: list[float], steps: int) -> Difference | None:
+    """The deployed predictor's side (``nnunet-ima-attack --scope case`` in ``folder``): IMA − STD in per-case
+    Dice, clean and under PGD at the middle eps, with paired-bootstrap intervals over the test cases, and
+    whether IMA's advantage under attack holds for whole cases predicted as ``nnUNetv2_predict`` predicts
+    them (reported, not judged: a few test cases). Returns the PGD difference (None when missing)."""
+    from nnunet_ima_eval.report import read_sample_dice
+
+    samples = read_sample_dice(folder, scope="case")
+    std, _, ima = TRAINERS
+    diffs = {}
+    for attack, e in [("clean", 0.0)] + [("pgd", e) for e in middle_eps(eps)]:
+        a, b = samples.get((ima, attack, e)), samples.get((std, attack, e))
+        if a is not None and b is not None and a[0] == b[0]:
+            diffs[(attack, e)] = paired_bootstrap(a[1], b[1])
+    pgd = [d for (attack, _), d in diffs.items() if attack == "pgd"]
+    if "clean" not in {attack for attack, _ in diffs} or not pgd:
+        say(f"as deployed: no case-scope results of STD and IMA in {folder}")
+        return None
+    where = " and ".join(f"{e:g}" for e in middle_eps(eps))
+    d, clean = pgd[0], diffs[("clean", 0.0)]
+    holds = "holds" if d.mean > 0 else "does NOT hold"
+    say(f"as deployed (whole test cases through nnU-Net's sliding-window predictor with mirroring, PGD-{steps} at "
+        f"eps {where} per slice, scored in the original geometry; {d.n} cases): IMA − STD in case Dice under attack "
+        f"{d.text()}, clean {clean.text()}: IMA's advantage {holds} for the deployed predictor"
+        + (f" ({UNCLEAR})" if d.word == UNCLEAR else ""))
+    return d

@@ -23,7 +23,7 @@ def test_demo_reduced_fills_the_table(tmp_path):
         "demo", "--output", str(tmp_path / "work"), "--resolution", "6", "--slab", "2", "--epochs-std", "2",
         "--epochs-adv", "1", "--iters", "2", "--val-iters", "1", "--k", "2", "--n", "2",
         "--eps", *map(str, EPS), "--pgd-steps", "3", "--ifgsm-steps", "3", "--features", "4", "8", "16",
-        "--batch-size", "4"]
+        "--batch-size", "4", "--case-pgd-steps", "2"]
     run = subprocess.run(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          timeout=1800)  # a guard against hangs: minutes when idle, ~20 at load 20 on 2 cores
     assert run.returncode == 0, run.stdout[-6000:]
@@ -50,6 +50,12 @@ def test_demo_reduced_fills_the_table(tmp_path):
     assert "demo_robustness" in run.stdout
     assert "worst case eps=1" in run.stdout and "paired-bootstrap interval" in run.stdout  # per-sample Dice read
     assert "seed 0: " in run.stdout and "training state digest" in run.stdout
+    # the case scope: the three models' whole test cases through nnU-Net's predictor, at the middle eps (8)
+    case = list(csv.DictReader(open(work / "demo_robustness_case" / "results.csv")))
+    assert {(r["model"], r["scope"], r["attack"], float(r["eps"])) for r in case if r["class"] == "mean"} == \
+        {(t, "case", a, e) for t in TRAINERS for a, e in (("clean", 0.0), ("pgd", 8.0))}
+    line = [ln for ln in run.stdout.splitlines() if "as deployed (whole test cases" in ln]
+    assert len(line) == 1 and "PGD-2 at eps 8" in line[0] and "for the deployed predictor" in line[0], line
 
 
 STD, SAT, IMA = TRAINERS
@@ -138,6 +144,7 @@ def test_repeats_count_the_seeds_in_which_the_effect_held(monkeypatch, capsys):
 
 
 BAD_ARGS = [  # (arguments, the flag and value the one line must name)
+    (["--case-pgd-steps", "-1"], "--case-pgd-steps: got -1"),
     (["--k", "0"], "--k: got 0"),
     (["--n", "-3"], "--n: got -3"),
     (["--ifgsm-steps", "0"], "--ifgsm-steps: got 0"),
