@@ -6,6 +6,9 @@
 prints the papers' table (rows = models; columns = clean, P. eps..., IF. eps..., W. eps...) and writes
 results.csv, results.json, samples/, robustness.png (and examples/ with --save-examples N) to -o.
 This module holds the options and their checks; :mod:`.pipeline` the steps of a run.
+
+Several processes (:mod:`.distributed`): ``nnunet-ima-attack ... --num-gpus 4`` on one machine, or
+``torchrun [--nnodes ...] --nproc_per_node 4 -m nnunet_ima_eval ...`` with the same arguments.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, report_error, resolve_device
 
+from . import distributed
 from .attacks import ATTACKS
 from .errors import EvalError
 from .metrics import ADI_CONVENTIONS, DEFAULT_ADI
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, COMMAND, "output", required=True, help="output folder (created; may hold an earlier run)")
     add_option(p, COMMAND, "batch_size", default=16, help="samples (slices / patches) per attack batch")
     add_option(p, COMMAND, "device", default=None, help=f"{DEVICES} (default: cuda if available, else cpu)")
+    add_option(p, COMMAND, "num_gpus", default=1,
+               help="GPUs to evaluate on, one process each, started here (as nnUNetv2_train -num_gpus); for CPU "
+                    "processes or several nodes: torchrun --nproc_per_node N -m nnunet_ima_eval <these arguments>")
     add_option(p, COMMAND, "overwrite", help="recompute every result, even with unchanged inputs")
     p.add_argument("--save-examples", type=int, default=0, metavar="N",
                    help="save N samples per model/attack/eps as NIfTI (+ PNG overlay)")
@@ -131,29 +138,45 @@ def validate(args) -> None:
         raise EvalError("-tr: each trainer once")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise EvalError(f"-o {args.output} is a file: give a folder (new or from an earlier run)")
+    distributed.check_num_gpus(args.num_gpus, args.device)
     args.device = resolve_device(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command: one process, one of a torchrun job (``python -m nnunet_ima_eval``), or, with
+    ``--num-gpus N``, the launcher of N processes. Every rank parses and checks the same arguments;
+    rank 0 alone reports a usage error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank = distributed.launched_rank()
+    with distributed.only_rank0_speaks():
+        args = build_parser().parse_args(argv)
     try:
         validate(args)
-        return run(args)
+        if args.num_gpus > 1:
+            return distributed.launch(PROG, [*argv, "--num-gpus", "1"], args.num_gpus)
+        return distributed.run_as_rank(PROG, args.output, lambda world: run(args, world))
     except (EvalError, UsageError) as e:
-        return report_error(PROG, e)
+        return report_error(PROG, e) if rank == 0 else 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished rows are in {args.output}", file=sys.stderr)
+        if rank == 0:
+            print(f"{PROG}: interrupted; finished results are in {args.output} (finished units in its shards/)",
+                  file=sys.stderr)
         return 130
 
 
-def run(args) -> int:
+def run(args, world: distributed.World | None = None) -> int:
     """The command after validation: prepare (every check, nothing written), evaluate each model
-    (reusing results whose inputs are unchanged), publish (figures, tables, checks, plot)."""
+    (reusing results whose inputs are unchanged; ``world``: this process's rank in the job, its share
+    of the work), publish (figures, tables, checks, plot: rank 0)."""
     from .pipeline import evaluate_model, prepare, publish
 
-    plan = prepare(args)
+    world = world or distributed.World()
+    args.device = distributed.rank_device(world, args.device)
+    distributed.rank_threads(world)
+    plan = prepare(args, world)
     results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
-    publish(plan, results)
+    if world.is_main:
+        publish(plan, results)
     return 0
 
 

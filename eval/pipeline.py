@@ -4,7 +4,10 @@
    fingerprints of what produces each result, and the result store. Nothing is written yet.
 2. :func:`evaluate_model` - per model: which results can be reused (same settings and same inputs)
    and which must be computed (saying why); load the model and data only if something is to be
-   computed; check the label values; attack; sanity checks.
+   computed; check the label values; attack, one unit (test case) at a time, shared out over the
+   job's processes (:mod:`.units`; one process is a job of one), each finished unit on disk
+   (:mod:`.shards`); merge the runs; sanity checks. Rank 0 decides, merges and reports; the other
+   ranks compute their share (:func:`.units.follow`).
 3. :func:`publish` - the figures of every result (ADI convention of this run, the "worst" group:
    per sample the lowest Dice over clean and every attack at that eps), monotonicity checks,
    results.json / results.csv, tables, plot.
@@ -18,15 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import report, units
 from .data import check_label_values, load_fold_cases, load_raw_cases, raw_case_files
+from .distributed import World
 from .errors import EvalError
 from .metrics import MEAN, adi, summarize, worst_counts
 from .model import dataset_name, load_model, locate
 from .provenance import CODE_VERSION, data_inputs, file_digest, versions
-from .runner import CLEAN, WORST, AttackSettings, Evaluator
+from .runner import CLEAN, WORST, AttackSettings, Evaluation, Evaluator
 from .sanity import (check_budget, check_eps0, check_gradient_free, check_large_eps, check_more_steps, check_noise,
                      monotonicity_checks)
+from .shards import ShardStore
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Plan:
     store: report.ResultStore
     checkpoints: dict              # trainer -> checkpoint path
     data: dict = field(default_factory=dict)  # trainer -> {"images": digest, "labels": digest}
+    world: World = field(default_factory=World)  # this process's rank in the job (one process: rank 0 of 1)
+    shards: ShardStore | None = None             # finished units of unmerged runs (-o/shards)
 
     @property
     def out(self) -> Path:
@@ -57,8 +64,10 @@ def _check_raw_layout(args, checkpoint: Path) -> None:
     raw_case_files(args.images, args.labels, dj["file_ending"], len(dj.get("channel_names", dj.get("modality", {0: 0}))))
 
 
-def prepare(args) -> Plan:
-    """Checks and fingerprints; the store is opened (a damaged one set aside) but nothing is created."""
+def prepare(args, world: World | None = None) -> Plan:
+    """Checks and fingerprints; the store is opened (a damaged one set aside; by rank 0 alone) but nothing
+    is created."""
+    world = world or World()
     name = dataset_name(args.dataset)
     ckpts = {tr: locate(name, args.configuration, args.fold, tr, args.plans, args.checkpoint) for tr in args.trainers}
     if args.images:
@@ -68,11 +77,11 @@ def prepare(args) -> Plan:
                               apgd_steps=args.apgd_steps, batch_size=args.batch_size,
                               seed=args.seed, convention=args.adi_convention, iterate=args.iterate)
     source = "fold" if not args.images else f"raw:{os.path.abspath(args.images)}"
-    store = report.ResultStore(Path(args.output), overwrite=args.overwrite)
+    store = report.ResultStore(Path(args.output), overwrite=args.overwrite or not world.is_main)
     for m in store.messages:
         print(m)
     return Plan(args, name, source, sorted(set(args.eps)), [a for a in args.attacks if a != WORST],
-                WORST in args.attacks, settings, store, ckpts)
+                WORST in args.attacks, settings, store, ckpts, world=world, shards=ShardStore(Path(args.output)))
 
 
 # ------------------------------------------------------------------------------------- run keys
@@ -137,23 +146,32 @@ def _choose_examples(ev: Evaluator, n: int) -> set:
     return {pool[i] for i in idx}
 
 
-def load_evaluator(plan: Plan, tr: str) -> Evaluator:
-    """Model, test cases (label values checked before any attack) and batches."""
+def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None) -> Evaluator:
+    """Model, test cases (label values checked before any attack) and batches; with ``share`` (a rank's
+    work order) only the cases and samples of this rank's share."""
     a = plan.args
     model = load_model(plan.name, a.configuration, a.fold, tr, a.plans, a.checkpoint, a.device)
+    names = None if share is None else share.cases_of(plan.world.rank)
     if a.images:
-        cases, where = load_raw_cases(model, a.images, a.labels), f"labels (-l {a.labels})"
+        cases, where = load_raw_cases(model, a.images, a.labels, names), f"labels (-l {a.labels})"
     else:
-        cases, where = load_fold_cases(model, a.fold), f"fold {a.fold}'s preprocessed labels"
+        cases, where = load_fold_cases(model, a.fold, names), f"fold {a.fold}'s preprocessed labels"
     check_label_values(cases, model.num_classes, model.label_manager.ignore_label, where)
-    return Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet)
+    refs = None if share is None else units.share_refs(cases, len(model.patch_size), model.patch_size, share.units)
+    return Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet, refs=refs)
 
 
 def evaluate_model(plan: Plan, tr: str) -> dict:
-    """Counts of every run of model ``tr`` ({row key: Counts}); computes only what cannot be reused."""
+    """Counts of every run of model ``tr`` ({row key: Counts}); computes only what cannot be reused.
+    Ranks > 0 compute their share of rank 0's work order and return {}."""
+    world = plan.world
+    if not world.is_main:
+        units.follow(world, tr, lambda order: load_evaluator(plan, tr, order), plan.shards, _save_examples(plan))
+        return {}
     keys, inputs = run_keys(plan, tr), inputs_of(plan, tr)
     found, todo = split_reusable(plan, tr, keys, inputs)
     if not todo:
+        units.skip(world, tr)
         print(f"{tr}: all {len(keys)} results already in {plan.store.json_path} with unchanged checkpoint, data "
               f"and settings (use --overwrite to recompute)")
         plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + \
@@ -162,33 +180,49 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
     ev = load_evaluator(plan, tr)
     print(f"{tr}: {len(ev.cases)} cases, {len(ev.refs)} {'slices' if ev.dim == 2 else 'patches'} in "
           f"{len(ev.batches)} batches; {len(todo)} of {len(keys)} results to compute")
-    keep = _choose_examples(ev, plan.args.save_examples)
-    clean = ev.run(CLEAN, 0.0, keep=keep)
-    extra = {"versions": versions()}
+    order = units.plan_work(world, ev, tr, [k for k, _ in todo], inputs, plan.shards, reuse=not plan.args.overwrite,
+                            keep=_choose_examples(ev, plan.args.save_examples))
+    print(order.describe(world.size))
+    units.lead(world, ev, order, plan.shards, not plan.args.quiet, _save_examples(plan))
     computed = {}  # attack -> its evaluations computed now (the budget check reads their perturbations)
-    for k, _ in todo:
-        evaluation = clean if k["attack"] == CLEAN else ev.run(k["attack"], k["eps"], keep=keep)
-        plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, ev.model.class_names, extra)
+    for k, evaluation, record in units.merge_runs(order, plan.shards, plan.settings.convention):
+        plan.store.put(k, inputs, evaluation.counts, evaluation.seconds, ev.model.class_names,
+                       {"versions": versions(), "units": record})
         found[report.row_key(k)] = evaluation.counts
         if k["attack"] != CLEAN:
             computed.setdefault(k["attack"], []).append(evaluation)
-            _say_and_save_examples(plan, ev, evaluation, clean)
+            _say(ev, evaluation, plan.settings.convention)
+    clean = Evaluation(CLEAN, 0.0, found[report.row_key(keys[0])], 0.0, convention=plan.settings.convention)
     checks = [] if plan.args.no_sanity else sanity_checks(plan, ev, keys, found, clean, computed)
     plan.store.checks = [c for c in plan.store.checks if c["model"] != tr] + checks
     plan.store.save()
+    for k in order.runs:  # results.json holds them now
+        plan.shards.clear(k, inputs)
     return found
 
 
-def _say_and_save_examples(plan: Plan, ev: Evaluator, evaluation, clean) -> None:
-    s = summarize(evaluation.counts, plan.settings.convention)
+def _say(ev: Evaluator, evaluation: Evaluation, convention: str) -> None:
+    s = summarize(evaluation.counts, convention)
     print(f"  {ev.model.label} {evaluation.attack:9} eps={evaluation.eps:<8g} ADI {100 * s['adi'][MEAN]:6.2f}  "
           f"TVDI {100 * s['tvdi'][MEAN]:6.2f}  3D Dice {100 * s['dice3d'][MEAN]:6.2f}  ({evaluation.seconds:.1f} s)")
-    if evaluation.examples:
-        clean_pred = {ex.ref: ex.pred for ex in clean.examples}
+
+
+def _save_examples(plan: Plan):
+    """``save(ev, key, evaluation, unit)``: the examples of one unit, with the clean prediction beside
+    (predicted again for the kept samples of that unit: one forward), to examples/<model>/<attack>_eps<eps>."""
+    def save(ev: Evaluator, key: dict, evaluation: Evaluation, unit: str) -> None:
+        if key["attack"] == CLEAN:
+            return
+        kept = {ex.ref for ex in evaluation.examples}
+        batches = [b for b in ev.units[unit] if kept & set(b.refs)]
+        clean_pred = {ex.ref: ex.pred for ex in ev.run(CLEAN, 0.0, batches=batches, keep=kept,
+                                                       on_batch=lambda b: None).examples}
         for ex in evaluation.examples:
             ex.pred_clean = clean_pred.get(ex.ref)
         sub = plan.out / "examples" / ev.model.label / f"{evaluation.attack}_eps{evaluation.eps:g}"
         report.save_examples(sub, evaluation.examples, ev.model.configuration_manager.spacing)
+
+    return save
 
 
 # ------------------------------------------------------------------------------------- sanity

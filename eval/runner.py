@@ -12,11 +12,20 @@ the attacks' objectives, the Dice an attack keeps its best iterate by, and the T
 read those labels. The perturbation itself stays on the real image (``region`` = the padding mask:
 its random start and steps never spend budget on padding, which :class:`MaskedInput` zeroes anyway).
 The sanity checks live in :mod:`.sanity`.
+
+The unit of work is a test case: its slices (2d) or tiles (3d) are batched among themselves
+(:attr:`Evaluator.units`), never with another case's, and each sample's random start comes from its
+own generator, seeded from (seed, attack, eps, case, position) (:func:`sample_seed`). So a sample's
+result depends neither on the batch it is in nor on the process that attacks it: several processes
+(:mod:`.units`) give the numbers of one.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -25,6 +34,7 @@ from tqdm import tqdm
 from nnunet_ima.losses import first, scored_labels, valid_pixels
 from nnunet_ima.norms import get_norm
 from nnunet_ima.predicates import tp_fp_fn
+from nnunet_ima.rng import SampleGenerators
 
 from .attacks import ATTACKS
 from .data import Batch, Case, SampleRef, make_batches, sample_refs
@@ -54,7 +64,7 @@ class AttackSettings:
     cospgd_steps: int = 100   # CosPGD iterations
     apgd_steps: int = 100     # iterations of APGD (apgd, apgd-mce, apgd-bmce, apgd-js)
     batch_size: int = 32      # samples per forward/backward
-    seed: int = 0             # seeds random starts (one generator per (attack, eps) run)
+    seed: int = 0             # seeds random starts (one generator per sample: :func:`sample_seed`)
     convention: str = DEFAULT_ADI  # ADI convention of the figures, the sanity checks and the best iterate
     iterate: str = "final"    # "final" (the papers') or "best": PGD-type attacks keep per sample their lowest-Dice iterate
 
@@ -70,6 +80,18 @@ class AttackSettings:
         """What a stored result of ``attack`` depends on besides its settings: "final", or "best-<convention>"
         (the lowest Dice is the convention's, so another ``--adi`` is another point)."""
         return f"best-{self.convention}" if self.keeps_best(attack) else "final"
+
+
+def sample_seed(seed: int, attack: str, eps: float, case: str, start: tuple) -> int:
+    """The seed of one sample's random start (a 63-bit int) from the run's ``seed``, the attack, the
+    noise level and the sample's identity (case id, start of its slice / tile): the same whatever the
+    batch, the batch size or the number of processes.
+
+    >>> sample_seed(0, "pgd", 2.0, "case_007", (3, 0, 0)) == sample_seed(0, "pgd", 2.0, "case_007", (3, 0, 0))
+    True
+    """
+    text = json.dumps([int(seed), str(attack), float(eps), str(case), [int(v) for v in start]])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 class MaskedInput(torch.nn.Module):
@@ -124,18 +146,26 @@ class Evaluator:
     >>> clean = ev.run("clean", 0.0)
     >>> adv = ev.run("pgd", 2.0)
     >>> adv.summary["adi"]["mean"]
+
+    ``units``: case id -> the batches of that case's samples (the unit of work of several processes);
+    ``batches``: all of them, case after case. ``refs``: the samples to evaluate (default: every slice /
+    tile of ``cases``, the first ``max_samples`` of them).
     """
 
     def __init__(self, model: LoadedModel, cases: list[Case], settings: AttackSettings,
-                 max_samples: int | None = None, progress: bool = True):
+                 max_samples: int | None = None, progress: bool = True, refs: list[SampleRef] | None = None):
         self.model = model
         self.cases = cases
         self.settings = settings
         self.progress = progress
         self.dim = len(model.patch_size)
-        self.refs = sample_refs(cases, self.dim, model.patch_size, max_samples)
-        self.batches = make_batches(cases, self.refs, self.dim, model.pool_factor, model.patch_size,
-                                    settings.batch_size)
+        self.refs = sample_refs(cases, self.dim, model.patch_size, max_samples) if refs is None else list(refs)
+        self.units = {cases[ci].name: make_batches(cases, list(rs), self.dim, model.pool_factor, model.patch_size,
+                                                   settings.batch_size)
+                      for ci, rs in groupby(self.refs, key=lambda r: r.case)}
+        if len(self.units) != len({r.case for r in self.refs}):
+            raise ValueError("Evaluator: refs must hold each case's samples together (case after case)")
+        self.batches = [b for unit in self.units.values() for b in unit]
         self.attacked = MaskedInput(model.network).eval()
         self.loss = attack_loss(model, settings.loss)
         self.ignore_label = model.label_manager.ignore_label
@@ -168,17 +198,27 @@ class Evaluator:
         return self.registry[attack](self.attacked, b.x, y, eps, norm=s.norm, steps=steps, loss=self.loss,
                                      generator=gen, region=b.mask, best=s.keeps_best(attack), score=self.dice)
 
+    def generators(self, attack: str, eps: float, b: Batch) -> SampleGenerators:
+        """One CPU generator per sample of ``b``, seeded by :func:`sample_seed` (random starts that do not
+        depend on the batch, its size, the device or the process)."""
+        s = self.settings.seed
+        return SampleGenerators.seeded([sample_seed(s, attack, eps, self.cases[r.case].name, r.start) for r in b.refs])
+
     def _attack(self, attack: str, b: Batch, y, eps: float, steps: int | None, gen, custom=None) -> torch.Tensor:
         if custom is not None:
             return custom(b, y, eps, gen)
         if attack == CLEAN or eps == 0:  # the 0-ball holds x alone: every attack returns x, so skip its steps
             return b.x
-        return self.attack(attack, b, y, eps, self.settings.steps(attack) if steps is None else steps, gen)
+        return self.attack(attack, b, y, eps, self.settings.steps(attack) if steps is None else steps,
+                           self.generators(attack, eps, b))
 
     def run(self, attack: str, eps: float, *, steps: int | None = None, batches: list[Batch] | None = None,
-            keep: set | None = None, custom=None) -> Evaluation:
+            keep: set | None = None, custom=None, on_batch=None) -> Evaluation:
         """Attack every batch (or ``batches``) at ``eps``; ``keep``: sample refs to return as examples;
-        ``custom(batch, labels, eps, generator) -> x_adv`` replaces the named attack (sanity checks)."""
+        ``custom(batch, labels, eps, generator) -> x_adv`` replaces the named attack (sanity checks; one
+        generator for the run, seeded with the settings' seed; the named attacks draw each sample's random
+        start from its own, :meth:`generators`). ``on_batch(batch)``: called after each batch (the caller
+        shows the progress then: no bar of this run's own)."""
         dev = self.model.device
         gen = torch.Generator(device=dev).manual_seed(self.settings.seed)
         counts, examples, dist, on_pad = Counts.empty(self.model.num_classes - 1), [], [], []
@@ -186,7 +226,7 @@ class Evaluator:
         t0 = time.perf_counter()
         todo = self.batches if batches is None else batches
         bar = tqdm(todo, desc=f"{self.model.label} {attack} eps={eps:g}", unit="batch", leave=False,
-                   disable=not self.progress)
+                   disable=not self.progress or on_batch is not None)
         for b in bar:
             b = b.to(dev)
             self.attacked.mask = b.mask
@@ -200,6 +240,8 @@ class Evaluator:
             on_pad.append(norm.measure(d * (1 - b.mask)).cpu().numpy())
             if keep:
                 examples += self._examples(b, x_adv, pred, keep)
+            if on_batch is not None:
+                on_batch(b)
         self.attacked.mask = None
         return Evaluation(attack, float(eps), counts, time.perf_counter() - t0, examples, self.settings.convention,
                           np.concatenate(dist) if dist else np.zeros(0), np.concatenate(on_pad) if on_pad else np.zeros(0))
