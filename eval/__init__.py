@@ -12,5 +12,7 @@ Modules: :mod:`.cli` (options), :mod:`.pipeline` (the steps of a run), :mod:`.mo
 model's Dice+CE attack loss), :mod:`.data` (cases, samples, padding, batches, label check),
 :mod:`.runner` (attacks, counts, sanity checks), :mod:`.metrics` (ADI conventions / TVDI / 3D Dice,
 worst case), :mod:`.provenance` (what produced a result), :mod:`.report` (store, CSV, JSON,
-``read_table``, table, plot, examples).
+``read_table``, table, plot, examples). Several processes (``torchrun ... -m nnunet_ima_eval``,
+``--num-gpus``): :mod:`.distributed` (the job, the failure line, the launcher), :mod:`.units` (the unit
+of work, the share-out, the merge, the progress bar), :mod:`.shards` (finished units on disk).
 """

@@ -143,20 +143,22 @@ def validate(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command: one process, one of a torchrun job (``python -m nnunet_ima_eval``), or, with
-    ``--num-gpus N``, the launcher of N processes. Every rank parses and checks the same arguments;
-    rank 0 alone reports a usage error."""
+    """The command: one process, one rank of a torchrun job (``python -m nnunet_ima_eval``), or, with
+    ``--num-gpus N``, the launcher of N processes. Every rank parses the same arguments (rank 0 alone
+    prints a parse error) and checks them after joining the job (the first rank to fail prints the one
+    line)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     rank = distributed.launched_rank()
     with distributed.only_rank0_speaks():
         args = build_parser().parse_args(argv)
     try:
-        validate(args)
-        if args.num_gpus > 1:
-            return distributed.launch(PROG, [*argv, "--num-gpus", "1"], args.num_gpus)
+        if not distributed.in_job():
+            validate(args)
+            if args.num_gpus > 1:
+                return distributed.launch(PROG, [*argv, "--num-gpus", "1"], args.num_gpus)
         return distributed.run_as_rank(PROG, args.output, lambda world: run(args, world))
     except (EvalError, UsageError) as e:
-        return report_error(PROG, e) if rank == 0 else 2
+        return report_error(PROG, e)
     except KeyboardInterrupt:
         if rank == 0:
             print(f"{PROG}: interrupted; finished results are in {args.output} (finished units in its shards/)",
@@ -171,12 +173,15 @@ def run(args, world: distributed.World | None = None) -> int:
     from .pipeline import evaluate_model, prepare, publish
 
     world = world or distributed.World()
+    if world.size > 1:  # one process checked them before anything started
+        validate(args)
     args.device = distributed.rank_device(world, args.device)
     distributed.rank_threads(world)
     plan = prepare(args, world)
     results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
     if world.is_main:
         publish(plan, results)
+        distributed.clear_errors(args.output)
     return 0
 
 

@@ -56,23 +56,29 @@ class UnitFailure(Exception):
 
 
 class LocalStore:
-    """The store of a one-process World: the c10d Store calls the code uses (set, get, add, check)."""
+    """The store of a one-process World (or of Worlds in threads of one process): the c10d Store calls
+    the code uses (set, get, add, check), thread-safe."""
 
     def __init__(self):
         self.data: dict[str, bytes] = {}
+        self.lock = threading.Lock()
 
     def set(self, key: str, value: bytes) -> None:
-        self.data[key] = value
+        with self.lock:
+            self.data[key] = value
 
     def get(self, key: str) -> bytes:
-        return self.data[key]
+        with self.lock:
+            return self.data[key]
 
     def add(self, key: str, n: int) -> int:
-        self.data[key] = str(int(self.data.get(key, b"0")) + n).encode()
-        return int(self.data[key])
+        with self.lock:
+            self.data[key] = str(int(self.data.get(key, b"0")) + n).encode()
+            return int(self.data[key])
 
     def check(self, keys: list) -> bool:
-        return all(k in self.data for k in keys)
+        with self.lock:
+            return all(k in self.data for k in keys)
 
 
 @dataclass
@@ -227,12 +233,12 @@ def rank_threads(world: World) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- failures
-def run_as_rank(program: str, out, body) -> int:
-    """Join the job and run ``body(world)``; ranks > 0 silent. A failure is one line on stderr from the
-    first rank that fails (naming the rank, and the unit when in one): a usage or input problem exits 2,
-    any other error 1 with its traceback saved to ``<out>/errors/rank<R>.txt``; ranks stopped by another's
-    failure exit 1 without a word."""
-    world = join()
+def run_as_rank(program: str, out, body, world: World | None = None):
+    """Join the job (or take ``world``) and return ``body(world)``; ranks > 0 silent. A failure is one line
+    on stderr from the first rank that fails (naming the rank, and the unit when in one): a usage or
+    input problem exits 2, any other error 1 with its traceback saved to ``<out>/errors/rank<R>.txt``;
+    ranks stopped by another's failure exit 1 without a word."""
+    world = world or join()
     try:
         with world.silenced():
             return body(world)
@@ -241,7 +247,8 @@ def run_as_rank(program: str, out, body) -> int:
     except (EvalError, UsageError) as e:
         return _report(world, program, str(e), 2)
     except UnitFailure as e:
-        return _report(world, program, f"unit {e}", FAILED, _save_traceback(out, world, e.cause))
+        return _report(world, program, f"unit {e}", FAILED, _save_traceback(out, world, e.cause)
+                       + f"; finished units are kept in {Path(out) / 'shards'}, a rerun of any size computes the rest")
     except Exception as e:  # noqa: BLE001 - every error of a rank becomes the one line
         return _report(world, program, f"{e.__class__.__name__}: {e}", FAILED, _save_traceback(out, world, e))
 
@@ -251,6 +258,15 @@ def _report(world: World, program: str, message: str, code: int, where: str = ""
         head = f"{world.name()}: " if world.size > 1 else ""
         report_error(program, f"{head}{message}{where}")
     return code
+
+
+def clear_errors(out) -> None:
+    """Remove the tracebacks of an earlier failed job (``<out>/errors``) after a job that succeeded."""
+    folder = Path(out) / "errors"
+    for f in folder.glob("rank*.txt") if folder.is_dir() else ():
+        f.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _save_traceback(out, world: World, e: BaseException) -> str:
@@ -290,17 +306,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(program: str, argv: list[str], nprocs: int) -> int:
-    """Start ``nprocs`` ranks of ``python -m nnunet_ima_eval argv`` on this machine, as
-    ``torchrun --standalone --nproc_per_node nprocs`` would, and wait for them: when one fails the others
-    are stopped and its exit code is returned (a rank killed by a signal gets the one line here).
+def launch(program: str, argv: list[str], nprocs: int, command: list[str] | None = None) -> int:
+    """Start ``nprocs`` ranks of ``command + argv`` (default ``python -m nnunet_ima_eval``) on this machine,
+    as ``torchrun --standalone --nproc_per_node nprocs`` would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT; OMP_NUM_THREADS = the CPUs divided among them unless set), and wait for them: when one
+    fails the others are stopped and its exit code is returned (a rank killed by a signal gets the one
+    line here).
 
     >>> launch("nnunet-ima-attack", ["-d", "4", "--eps", "2", "-o", "out", "--num-gpus", "1"], 2)
     """
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nprocs),
                LOCAL_WORLD_SIZE=str(nprocs))
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nprocs)))
-    procs = [subprocess.Popen([sys.executable, "-m", "nnunet_ima_eval", *argv],
+    command = command or [sys.executable, "-m", "nnunet_ima_eval"]
+    procs = [subprocess.Popen([*command, *argv],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nprocs)]
     return supervise(program, procs)
 

@@ -161,12 +161,24 @@ def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None) ->
     return Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet, refs=refs)
 
 
+def load_share(plan: Plan, tr: str, order: units.WorkOrder) -> Evaluator:
+    """A rank's evaluator for its share of ``order``, after checking that the checkpoint and the test data
+    it sees are the ones rank 0 fingerprinted (several nodes: the same files on every node)."""
+    here = inputs_of(plan, tr)
+    if here != order.inputs:
+        from .provenance import describe_changes
+
+        raise EvalError(f"{tr}: the files on this node are not rank 0's ({describe_changes(order.inputs, here)}): "
+                        f"every node needs the same checkpoint and test data")
+    return load_evaluator(plan, tr, order)
+
+
 def evaluate_model(plan: Plan, tr: str) -> dict:
     """Counts of every run of model ``tr`` ({row key: Counts}); computes only what cannot be reused.
     Ranks > 0 compute their share of rank 0's work order and return {}."""
     world = plan.world
     if not world.is_main:
-        units.follow(world, tr, lambda order: load_evaluator(plan, tr, order), plan.shards, _save_examples(plan))
+        units.follow(world, tr, lambda order: load_share(plan, tr, order), plan.shards, _save_examples(plan))
         return {}
     keys, inputs = run_keys(plan, tr), inputs_of(plan, tr)
     found, todo = split_reusable(plan, tr, keys, inputs)

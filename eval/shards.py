@@ -25,6 +25,7 @@ import io
 import json
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,7 @@ class ShardStore:
                 got = [tuple(int(v) for v in s) for s in z["starts"]]
                 shard = Shard(Counts(z["tp"], z["fp"], z["fn"], [str(c) for c in z["cases"]]), z["distance"],
                               z["on_pad"], got, meta)
-        except (OSError, ValueError, KeyError, EOFError, TypeError):
+        except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile):
             return None
         same = (_canonical(meta.get("key")) == _canonical(key) and meta.get("inputs") == inputs
                 and meta.get("unit") == unit and got == [tuple(s) for s in starts])

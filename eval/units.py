@@ -207,7 +207,7 @@ class Progress:
         if self.enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.order.total, leave=False, dynamic_ncols=True,
+            self.bar = tqdm(total=self.order.total, leave=False, dynamic_ncols=True, desc=self.describe(0),
                             bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
             self.thread = threading.Thread(target=self._loop, daemon=True)
             self.thread.start()
@@ -222,9 +222,12 @@ class Progress:
             work, units = self.world.count(f"{self.order.model}/work"), self.world.count(f"{self.order.model}/units")
         except Stopped:
             return
-        where = f" on {self.world.size} processes" if self.world.size > 1 else ""
-        self.bar.set_description_str(f"{self.order.model}: {units}/{len(self.order.tasks)} units{where}", refresh=False)
+        self.bar.set_description_str(self.describe(units), refresh=False)
         self.bar.update(max(0, min(work, self.order.total) - self.bar.n))
+
+    def describe(self, units: int) -> str:
+        where = f" on {self.world.size} processes" if self.world.size > 1 else ""
+        return f"{self.order.model}: {units}/{len(self.order.tasks)} units{where}"
 
     def __exit__(self, *exc) -> None:
         if self.thread is not None:

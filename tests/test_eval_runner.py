@@ -111,6 +111,44 @@ def test_batched_equals_one_at_a_time_and_padding_is_inert(loss):
         assert ex.adversarial.shape == (1, 27, 30)
 
 
+@pytest.mark.parametrize("attack", ["pgd", "apgd-mce"])
+def test_random_starts_do_not_depend_on_the_batch_and_batches_stay_within_a_case(attack):
+    """Issue 23: each sample's random start has its own seed (seed, attack, eps, case, slice), so PGD and
+    APGD give every sample the same result at batch 1 and batch 4, and a case's slices are batched among
+    themselves (the unit of work several processes share)."""
+    from nnunet_ima_eval.runner import sample_seed
+
+    rng = np.random.default_rng(4)
+    cases = []
+    for name in ("a", "b"):
+        lab = np.zeros((3, 24, 24), np.int16)
+        lab[:, 5:18, 6:20] = 1
+        lab[:, 9:13, 10:15] = 2
+        cases.append(Case(name, (lab * 1.5 + rng.normal(scale=0.5, size=lab.shape)).astype(np.float32)[None], lab))
+    model = stub_model(TinyNet())
+    settings = dict(pgd_steps=3, apgd_steps=3, seed=5)
+    one = Evaluator(model, cases, AttackSettings(batch_size=1, **settings), progress=False)
+    four = Evaluator(model, cases, AttackSettings(batch_size=4, **settings), progress=False)
+    # 3 slices per case: batch 4 gives one batch per case, never a slice of "b" beside those of "a"
+    assert list(four.units) == ["a", "b"] and [len(b.refs) for b in four.batches] == [3, 3]
+    assert all(len({r.case for r in b.refs}) == 1 for b in four.batches)
+    a1, a4 = one.run(attack, 3.0, keep=set(one.refs)), four.run(attack, 3.0, keep=set(four.refs))
+    np.testing.assert_array_equal(a1.counts.tp, a4.counts.tp)
+    np.testing.assert_array_equal(a1.counts.fp, a4.counts.fp)
+    np.testing.assert_array_equal(a1.counts.fn, a4.counts.fn)
+    for e1, e4 in zip(a1.examples, a4.examples):
+        np.testing.assert_allclose(e1.adversarial, e4.adversarial, atol=1e-5)
+    # another seed gives other starts; the seed of a sample names attack, eps, case and position
+    other = Evaluator(model, cases, AttackSettings(batch_size=4, **{**settings, "seed": 6}), progress=False)
+    far = other.run(attack, 3.0, keep=set(other.refs))
+    assert any(not np.allclose(e.adversarial, f.adversarial, atol=1e-3) for e, f in zip(a4.examples, far.examples))
+    base = sample_seed(5, attack, 3.0, "a", (1, 0, 0))
+    assert base == sample_seed(5, attack, 3.0, "a", (1, 0, 0))
+    assert len({base, sample_seed(5, attack, 3.0, "b", (1, 0, 0)), sample_seed(5, attack, 2.0, "a", (1, 0, 0)),
+                sample_seed(5, "pgd" if attack != "pgd" else "segpgd", 3.0, "a", (1, 0, 0)),
+                sample_seed(5, attack, 3.0, "a", (2, 0, 0)), sample_seed(6, attack, 3.0, "a", (1, 0, 0))}) == 6
+
+
 def test_monotonicity_check_and_table_layout(tmp_path):
     base = dict(model="STD", dataset="D", configuration="2d", plans="p", fold="0", checkpoint="c", source="fold",
                 max_samples=None, norm="l2", loss="dicece")
