@@ -166,7 +166,8 @@ def main(argv=None):
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--slices", type=int, default=None, help="slices (default 32; 64 with --world-sizes)")
     p.add_argument("--steps", type=int, default=None,
-                   help="attack iterations (default 3; 10 with --world-sizes; the papers use PGD-100: time scales linearly)")
+                   help="attack iterations (default 3; 10 with --world-sizes; the papers use PGD-100: time "
+                        "scales linearly)")
     p.add_argument("--batch-size", type=int, default=None, help="default 32; 8 with --world-sizes")
     p.add_argument("--attack", choices=["pgd", "ifgsm"], default="pgd")
     p.add_argument("--eps", type=float, default=2.0)

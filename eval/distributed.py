@@ -37,7 +37,7 @@ from nnunet_ima.ui import UsageError, report_error, usage_error
 
 from .errors import EvalError
 
-PREFIX = "nnunet_ima_eval/"   # the job's keys in the store
+PREFIX = "nnunet_ima_eval/"   # the job's keys in the store (+ torchrun's restart count: a restarted job starts afresh)
 POLL_S = 0.1                  # how often a waiting rank looks at the store
 JOIN_TIMEOUT = timedelta(minutes=30)
 FAILED, STOPPED = 1, 1        # exit codes: a rank that failed; a rank stopped by another's failure
@@ -94,6 +94,7 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     store: object = field(default_factory=LocalStore)
+    prefix: str = PREFIX
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -109,18 +110,18 @@ class World:
 
     def count(self, name: str, n: int = 0) -> int:
         """Add ``n`` to the job-wide counter ``name``; returns its value (n = 0: read it)."""
-        return int(self._op("add", PREFIX + name, n))
+        return int(self._op("add", self.prefix + name, n))
 
     def publish(self, name: str, obj) -> None:
         """Rank 0 tells every rank ``obj`` under ``name`` (read with :meth:`receive`)."""
-        self._op("set", PREFIX + name, pickle.dumps(obj))
+        self._op("set", self.prefix + name, pickle.dumps(obj))
 
     def receive(self, name: str):
         """What rank 0 published under ``name``, once it is there; :class:`Stopped` on a failure."""
-        while not self._op("check", [PREFIX + name]):
+        while not self._op("check", [self.prefix + name]):
             self.check_stop()
             time.sleep(POLL_S)
-        return pickle.loads(self._op("get", PREFIX + name))
+        return pickle.loads(self._op("get", self.prefix + name))
 
     def wait_count(self, name: str, n: int) -> None:
         """Wait until the counter ``name`` reaches ``n``; :class:`Stopped` on a failure."""
@@ -182,7 +183,8 @@ def join(timeout: timedelta = JOIN_TIMEOUT) -> World:
     store, rank, size = next(rendezvous("env://", timeout=timeout))
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    return World(rank, size, local_rank, local_size, store)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return World(rank, size, local_rank, local_size, store, f"{PREFIX}{restart}/")
 
 
 @contextlib.contextmanager
@@ -289,7 +291,8 @@ def check_num_gpus(n: int, device: str | None) -> None:
         return
     if in_job():
         raise usage_error("--num-gpus", n, "no --num-gpus under torchrun: its --nproc_per_node starts the processes")
-    cpu_hint = f"for several CPU processes: torchrun --standalone --nproc_per_node {n} -m nnunet_ima_eval ... --device cpu"
+    cpu_hint = (f"for several CPU processes: torchrun --standalone --nproc_per_node {n} -m nnunet_ima_eval ... "
+                f"--device cpu")
     if device not in (None, "cuda"):
         raise usage_error("--num-gpus", n, f"--device cuda or no --device (each process takes cuda:RANK), "
                                            f"not --device {device}; {cpu_hint}")
@@ -340,9 +343,9 @@ def supervise(program: str, procs: list) -> int:
             if all(c == 0 for c in codes):
                 return 0
             time.sleep(POLL_S)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the ranks had it too: rank 0 says so
         _stop(procs)
-        raise
+        return 130
 
 
 def _stop(procs: list, grace: float = 10.0) -> None:

@@ -185,7 +185,8 @@ def merge_runs(order: WorkOrder, shards: ShardStore, convention: str) -> list[tu
         evaluation = Evaluation(key["attack"], float(key["eps"]), counts, sum(p.meta["seconds"] for p in parts),
                                 [], convention, np.concatenate([p.distance for p in parts]),
                                 np.concatenate([p.on_pad for p in parts]))
-        record = {u: {k: p.meta[k] for k in ("rank", "world_size", "job", "seconds")} for u, p in zip(order.units, parts)}
+        fields = ("rank", "world_size", "job", "seconds")
+        record = {u: {k: p.meta[k] for k in fields} for u, p in zip(order.units, parts)}
         out.append((key, evaluation, record))
     return out
 

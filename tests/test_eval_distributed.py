@@ -134,8 +134,8 @@ def _job(out, size: int) -> list:
     store = LocalStore()
     worlds = [World(r, size, r, size, store) for r in range(size)]
     with ThreadPoolExecutor(size) as pool:
-        futures = [pool.submit(distributed.run_as_rank, "prog", out, lambda w: (_rank0 if w.is_main else _follower)(w, out),
-                               w) for w in worlds]
+        body = (lambda w: (_rank0 if w.is_main else _follower)(w, out))
+        futures = [pool.submit(distributed.run_as_rank, "prog", out, body, w) for w in worlds]
         try:
             return [f.result(timeout=600) for f in futures]
         except TimeoutError:  # never hang the suite: the failure flag stops every waiting rank
@@ -161,8 +161,8 @@ def test_two_ranks_give_the_numbers_of_one_and_a_failed_rank_leaves_only_finishe
     assert _job(tmp_path / "failed", 2) == [distributed.STOPPED, distributed.FAILED]
     second = order2.share(1)[1]  # the same plan: the same shares
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"prog: error: rank 1 of 2: unit {units.describe_unit('tiny', RUNS[second.run], second.unit)}: "
-                           f"RuntimeError: injected failure after 1 units")
+    unit = units.describe_unit("tiny", RUNS[second.run], second.unit)
+    assert line.startswith(f"prog: error: rank 1 of 2: unit {unit}: RuntimeError: injected failure after 1 units")
     assert (tmp_path / "failed" / "errors" / "rank1.txt").is_file() and f"traceback in" in line
     shards = ShardStore(tmp_path / "failed")
     done = {(i, u) for i, k in enumerate(RUNS) for u in shards.finished(k, INPUTS, order2.units)}
@@ -334,7 +334,8 @@ def test_a_killed_rank_stops_the_job_with_one_line_and_one_process_computes_only
     _same_results(one_process, out, checks=False)
     (job,) = {meta["job"] for meta in finished.values()}
     runs = json.loads((out / "results.json").read_text())["runs"]
-    kept = {(r["key"]["attack"], r["key"]["eps"], u) for r in runs for u, rec in r["units"].items() if rec["job"] == job}
+    kept = {(r["key"]["attack"], r["key"]["eps"], u) for r in runs for u, rec in r["units"].items()
+            if rec["job"] == job}
     assert kept == set(finished)
     assert all(rec["world_size"] == 1 for r in runs for u, rec in r["units"].items() if rec["job"] != job)
     assert not (out / "shards").exists() and not (out / "errors").exists()
