@@ -41,6 +41,8 @@ PREFIX = "nnunet_ima_eval/"   # the job's keys in the store (+ torchrun's restar
 POLL_S = 0.1                  # how often a waiting rank looks at the store
 JOIN_TIMEOUT = timedelta(minutes=30)
 FAILED, STOPPED = 1, 1        # exit codes: a rank that failed; a rank stopped by another's failure
+STOP_GRACE_S = 0.5            # a stopped rank waits this long before it exits
+REAP_GRACE_S = 5.0            # after a failure, the launcher lets the other ranks stop by themselves this long
 
 
 class Stopped(Exception):
@@ -244,7 +246,8 @@ def run_as_rank(program: str, out, body, world: World | None = None):
     try:
         with world.silenced():
             return body(world)
-    except Stopped:
+    except Stopped:  # a moment for the failing rank's line before a launcher reaps the job
+        time.sleep(STOP_GRACE_S)
         return STOPPED
     except (EvalError, UsageError) as e:
         return _report(world, program, str(e), 2)
@@ -335,6 +338,7 @@ def supervise(program: str, procs: list) -> int:
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
             if bad:
                 rank, code = bad[0]
+                _wait(procs, REAP_GRACE_S)  # the others notice the failure at their next batch
                 _stop(procs)
                 if code < 0:  # killed by a signal: it could not say so itself
                     report_error(program, f"rank {rank} of {len(procs)} was killed by {signal.Signals(-code).name} "
@@ -346,6 +350,12 @@ def supervise(program: str, procs: list) -> int:
     except KeyboardInterrupt:  # the ranks had it too: rank 0 says so
         _stop(procs)
         return 130
+
+
+def _wait(procs: list, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and any(p.poll() is None for p in procs):
+        time.sleep(POLL_S)
 
 
 def _stop(procs: list, grace: float = 10.0) -> None:
