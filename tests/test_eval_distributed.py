@@ -179,6 +179,21 @@ def test_two_ranks_give_the_numbers_of_one_and_a_failed_rank_leaves_only_finishe
         np.testing.assert_array_equal(e1.counts.fn, e3.counts.fn)
 
 
+def test_the_launcher_stops_every_rank_when_one_dies_and_names_a_rank_killed_by_a_signal(monkeypatch, capsys):
+    """What --num-gpus runs: a rank that dies of SIGKILL (out of memory) cannot say so itself; the launcher
+    does, in one line, and stops the ranks still running."""
+    monkeypatch.setattr(distributed, "REAP_GRACE_S", 0.3)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    killed = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert distributed.supervise("prog", [sleeper, killed]) == distributed.FAILED
+    assert sleeper.poll() is not None  # stopped, not left running
+    assert capsys.readouterr().err.splitlines() == [
+        "prog: error: rank 1 of 2 was killed by SIGKILL (out of memory?); finished units are kept, a rerun computes "
+        "the rest"]
+    ok = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(2)]
+    assert distributed.supervise("prog", ok) == 0 and capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------------------------- --num-gpus
 def _main(argv) -> tuple[int, str, str]:
     from nnunet_ima_eval.cli import main
