@@ -157,8 +157,9 @@ def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None) ->
     else:
         cases, where = load_fold_cases(model, a.fold, names), f"fold {a.fold}'s preprocessed labels"
     check_label_values(cases, model.num_classes, model.label_manager.ignore_label, where)
-    refs = None if share is None else units.share_refs(cases, len(model.patch_size), model.patch_size, share.units)
-    return Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet, refs=refs)
+    packs = None if share is None else units.share_packs(cases, len(model.patch_size), model.patch_size, share,
+                                                         plan.world.rank)
+    return Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet, packs=packs)
 
 
 def load_share(plan: Plan, tr: str, order: units.WorkOrder) -> Evaluator:
@@ -220,13 +221,13 @@ def _say(ev: Evaluator, evaluation: Evaluation, convention: str) -> None:
 
 
 def _save_examples(plan: Plan):
-    """``save(ev, key, evaluation, unit)``: the examples of one unit, with the clean prediction beside
-    (predicted again for the kept samples of that unit: one forward), to examples/<model>/<attack>_eps<eps>."""
-    def save(ev: Evaluator, key: dict, evaluation: Evaluation, unit: str) -> None:
+    """``save(ev, key, evaluation, batches)``: the examples of one task, with the clean prediction beside
+    (predicted again for the kept samples of ``batches``: one forward), to examples/<model>/<attack>_eps<eps>."""
+    def save(ev: Evaluator, key: dict, evaluation: Evaluation, batches: list) -> None:
         if key["attack"] == CLEAN:
             return
         kept = {ex.ref for ex in evaluation.examples}
-        batches = [b for b in ev.units[unit] if kept & set(b.refs)]
+        batches = [b for b in batches if kept & set(b.refs)]
         clean_pred = {ex.ref: ex.pred for ex in ev.run(CLEAN, 0.0, batches=batches, keep=kept,
                                                        on_batch=lambda b: None).examples}
         for ex in evaluation.examples:

@@ -13,11 +13,13 @@ read those labels. The perturbation itself stays on the real image (``region`` =
 its random start and steps never spend budget on padding, which :class:`MaskedInput` zeroes anyway).
 The sanity checks live in :mod:`.sanity`.
 
-The unit of work is a test case: its slices (2d) or tiles (3d) are batched among themselves
-(:attr:`Evaluator.units`), never with another case's, and each sample's random start comes from its
-own generator, seeded from (seed, attack, eps, case, position) (:func:`sample_seed`). So a sample's
-result depends neither on the batch it is in nor on the process that attacks it: several processes
-(:mod:`.units`) give the numbers of one.
+Several processes (:mod:`.units`) give the numbers of one: a sample's result never depends on which
+process attacks it. Its batch is fixed by the test set alone: consecutive whole cases of one padded
+shape are packed until a pack fills :data:`PACK_BATCHES` batches (:func:`pack_cases`; a case is never
+split), and batches never cross packs, so every process batches a sample with the same others (the
+network's float arithmetic, hence an iterative attack's path, depends on the batch). Each sample's
+random start comes from its own generator, seeded from (seed, attack, eps, case, position)
+(:func:`sample_seed`).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from nnunet_ima.predicates import tp_fp_fn
 from nnunet_ima.rng import SampleGenerators
 
 from .attacks import ATTACKS
-from .data import Batch, Case, SampleRef, make_batches, sample_refs
+from .data import Batch, Case, SampleRef, make_batches, padded_shape, sample_refs
 from .metrics import DEFAULT_ADI, Counts, sample_dice_of, summarize
 from .model import LoadedModel, attack_loss
 
@@ -49,6 +51,7 @@ PAPER_ATTACKS = ("pgd", "ifgsm")
 STRONG_APGD_STEPS = 300  # --suite strong: the masked losses need many iterations (SEA runs APGD for hundreds)
 SUITES = {"paper": [*PAPER_ATTACKS], "strong": ["pgd", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js", WORST]}
 ITERATES = ("final", "best")  # --iterate: the point of a PGD-type attack a sample is counted at
+PACK_BATCHES = 4  # a pack of whole cases is closed once it holds this many batches (fewer part-filled batches)
 
 
 @dataclass
@@ -80,6 +83,33 @@ class AttackSettings:
         """What a stored result of ``attack`` depends on besides its settings: "final", or "best-<convention>"
         (the lowest Dice is the convention's, so another ``--adi`` is another point)."""
         return f"best-{self.convention}" if self.keeps_best(attack) else "final"
+
+
+def pack_cases(refs: list[SampleRef], dim: int, pool_factor: tuple, patch_size: tuple,
+               batch_size: int) -> list[list[SampleRef]]:
+    """The samples ``refs`` (case after case) in packs of consecutive whole cases of one padded shape
+    (shapes in order of appearance, cases in order within a shape, as :func:`~.data.make_batches` groups
+    them), each closed once it holds ``PACK_BATCHES * batch_size`` samples: the atoms of the work and of
+    the batching, fixed by the test set and the batch size alone.
+
+    >>> [len(p) for p in pack_cases(refs_of_five_cases_of_20_slices, 2, (8, 8), (64, 64), 16)]
+    [80, 20]
+    """
+    by_shape: dict[tuple, list] = {}
+    for _, rs in groupby(refs, key=lambda r: r.case):
+        rs = list(rs)
+        by_shape.setdefault(padded_shape(rs[0], dim, pool_factor, patch_size), []).append(rs)
+    packs = []
+    for shape_cases in by_shape.values():
+        current: list = []
+        for rs in shape_cases:
+            current += rs
+            if len(current) >= PACK_BATCHES * batch_size:
+                packs.append(current)
+                current = []
+        if current:
+            packs.append(current)
+    return packs
 
 
 def sample_seed(seed: int, attack: str, eps: float, case: str, start: tuple) -> int:
@@ -147,25 +177,28 @@ class Evaluator:
     >>> adv = ev.run("pgd", 2.0)
     >>> adv.summary["adi"]["mean"]
 
-    ``units``: case id -> the batches of that case's samples (the unit of work of several processes);
-    ``batches``: all of them, case after case. ``refs``: the samples to evaluate (default: every slice /
-    tile of ``cases``, the first ``max_samples`` of them).
+    ``packs``: pack id -> the batches of a pack of whole cases (:func:`pack_cases`; the atoms several
+    processes share); ``pack_cases``: pack id -> its case ids; ``batches``: all of them, pack after pack,
+    and ``refs`` their samples in that order (the evaluation's order). Default: every slice / tile of
+    ``cases`` (the first ``max_samples`` of them), packed; a rank's share: ``packs`` {id: its samples}.
     """
 
     def __init__(self, model: LoadedModel, cases: list[Case], settings: AttackSettings,
-                 max_samples: int | None = None, progress: bool = True, refs: list[SampleRef] | None = None):
+                 max_samples: int | None = None, progress: bool = True, packs: dict | None = None):
         self.model = model
         self.cases = cases
         self.settings = settings
         self.progress = progress
         self.dim = len(model.patch_size)
-        self.refs = sample_refs(cases, self.dim, model.patch_size, max_samples) if refs is None else list(refs)
-        self.units = {cases[ci].name: make_batches(cases, list(rs), self.dim, model.pool_factor, model.patch_size,
-                                                   settings.batch_size)
-                      for ci, rs in groupby(self.refs, key=lambda r: r.case)}
-        if len(self.units) != len({r.case for r in self.refs}):
-            raise ValueError("Evaluator: refs must hold each case's samples together (case after case)")
-        self.batches = [b for unit in self.units.values() for b in unit]
+        if packs is None:
+            refs = sample_refs(cases, self.dim, model.patch_size, max_samples)
+            packs = dict(enumerate(pack_cases(refs, self.dim, model.pool_factor, model.patch_size,
+                                              settings.batch_size)))
+        self.packs = {i: make_batches(cases, p, self.dim, model.pool_factor, model.patch_size, settings.batch_size)
+                      for i, p in packs.items()}
+        self.pack_cases = {i: list(dict.fromkeys(cases[r.case].name for r in p)) for i, p in packs.items()}
+        self.batches = [b for i in sorted(self.packs) for b in self.packs[i]]
+        self.refs = [r for b in self.batches for r in b.refs]
         self.attacked = MaskedInput(model.network).eval()
         self.loss = attack_loss(model, settings.loss)
         self.ignore_label = model.label_manager.ignore_label

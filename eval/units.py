@@ -1,14 +1,16 @@
 """The unit of work of ``nnunet-ima-attack`` and its share-out over the ranks of a job.
 
-A unit is one test case (all its slices / tiles) of one run (model, attack, eps). Per model, rank 0
-decides (:func:`plan_work`) which runs are to compute (results.json cannot supply them), which of
-their units are finished already (:mod:`.shards`, written by an earlier job of any size), and which
-rank computes each of the others (the costliest first, onto the least loaded rank). It publishes this
-:class:`WorkOrder`; every rank computes its share (:func:`compute_share`), writing each finished unit
-atomically; rank 0 shows the progress of all (:class:`Progress`), waits until every rank is done and
-merges each run (:func:`merge_runs`) only when all its units are there. A unit's numbers depend
-neither on the rank nor on the number of ranks (:mod:`.runner`: a case's samples are batched among
-themselves, each sample's random start has its own seed).
+A unit is one test case (all its slices / tiles) of one run (model, attack, eps): what is stored,
+reused and merged. Small cases are computed together in packs of whole cases (:func:`~.runner.pack_cases`:
+they fill their batches), so a task is one pack of one run. Per model, rank 0 decides (:func:`plan_work`)
+which runs are to compute (results.json cannot supply them), which of their units are finished already
+(:mod:`.shards`, written by an earlier job of any size), and which rank computes each remaining pack
+(the costliest first, onto the least loaded rank). It publishes this :class:`WorkOrder`; every rank
+computes its share (:func:`compute_share`), writing each finished unit atomically; rank 0 shows the
+progress of all (:class:`Progress`), waits until every rank is done and merges each run
+(:func:`merge_runs`) only when all its units are there. A unit's numbers depend neither on the rank
+nor on the number of ranks (:mod:`.runner`: packs and batches are fixed by the test set, each sample's
+random start has its own seed).
 
 Test hook: ``IMA_EVAL_FAIL_AFTER=R:K`` makes rank R raise when it starts its unit K+1 (after K
 finished units), as a rank that dies in the middle of a job.
@@ -34,11 +36,14 @@ FAIL_AFTER_VAR = "IMA_EVAL_FAIL_AFTER"
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of one run: ``run`` indexes :attr:`WorkOrder.runs`; ``weight`` = input elements x network
-    passes, the cost estimate behind the share-out and the progress display."""
+    """One pack of whole cases (:func:`~.runner.pack_cases`) of one run: ``run`` indexes
+    :attr:`WorkOrder.runs`, ``pack`` :attr:`WorkOrder.packs`; ``units``: its cases still to write (all of
+    them, unless an earlier job wrote some); ``weight`` = input elements x network passes, the cost
+    estimate behind the share-out and the progress bar."""
 
     run: int
-    unit: str
+    pack: int
+    units: tuple
     weight: int
 
 
@@ -51,7 +56,8 @@ class WorkOrder:
     runs: list                # the run keys to compute
     inputs: dict              # their provenance (one model: the same for every run)
     units: dict               # every unit (case id) -> its samples' starts, in the evaluation's order
-    shares: list              # per rank, its tasks (run by run, case by case)
+    packs: list               # pack id -> its case ids
+    shares: list              # per rank, its tasks (run by run, pack by pack)
     finished: int             # units of these runs found finished on disk
     keep: frozenset = frozenset()  # (case id, start) of the samples to save as examples (--save-examples)
 
@@ -63,19 +69,24 @@ class WorkOrder:
         return [t for s in self.shares for t in s]
 
     @property
+    def todo(self) -> int:
+        """Units to compute."""
+        return sum(len(t.units) for t in self.tasks)
+
+    @property
     def total(self) -> int:
         return sum(t.weight for t in self.tasks)
 
     def cases_of(self, rank: int) -> list[str]:
-        """The cases rank ``rank`` needs, in the evaluation's order."""
-        mine = {t.unit for t in self.share(rank)}
+        """The cases rank ``rank`` needs (every case of its packs), in the evaluation's order."""
+        mine = {c for t in self.share(rank) for c in self.packs[t.pack]}
         return [u for u in self.units if u in mine]
 
     def describe(self, size: int) -> str:
         n = len(self.runs) * len(self.units)
         where = f"on {size} processes" if size > 1 else "in this process"
         done = f"{self.finished} of {n} units finished by an earlier job (kept), " if self.finished else ""
-        return f"{self.model}: {done}{len(self.tasks)} of {n} units to compute {where}"
+        return f"{self.model}: {done}{self.todo} of {n} units to compute {where}"
 
 
 def passes(ev: Evaluator, key: dict) -> int:
@@ -86,10 +97,10 @@ def passes(ev: Evaluator, key: dict) -> int:
 
 def assign(tasks: list[Task], n: int) -> list[list[Task]]:
     """Longest processing time first: each task, costliest first, to the least loaded of ``n`` ranks;
-    each rank's share back in the plan's order (run by run, case by case).
+    each rank's share back in the plan's order (run by run, pack by pack).
 
-    >>> [[t.unit for t in s] for s in assign([Task(0, "a", 3), Task(0, "b", 2), Task(0, "c", 2)], 2)]
-    [['a'], ['b', 'c']]
+    >>> [[t.pack for t in s] for s in assign([Task(0, 0, ("a",), 3), Task(0, 1, ("b",), 2), Task(0, 2, ("c",), 2)], 2)]
+    [[0], [1, 2]]
     """
     position = {t: i for i, t in enumerate(tasks)}
     shares, load = [[] for _ in range(n)], [0] * n
@@ -102,30 +113,40 @@ def assign(tasks: list[Task], n: int) -> list[list[Task]]:
 
 def plan_work(world: World, ev: Evaluator, model: str, runs: list[dict], inputs: dict, shards: ShardStore,
               reuse: bool = True, keep: set = frozenset()) -> WorkOrder:
-    """Rank 0: the units of ``runs`` still to compute (finished ones on disk are kept when ``reuse``),
-    shared out over the ranks; ``keep``: the evaluator's sample refs to save as examples."""
-    units = {u: [r.start for b in batches for r in b.refs] for u, batches in ev.units.items()}
+    """Rank 0: the units of ``runs`` still to compute (finished ones on disk are kept when ``reuse``), by
+    pack, shared out over the ranks; ``keep``: the evaluator's sample refs to save as examples."""
+    packs = [ev.pack_cases[i] for i in sorted(ev.packs)]
+    units = {c: [] for p in packs for c in p}
+    for r in ev.refs:
+        units[ev.cases[r.case].name].append(r.start)
     tasks, finished = [], 0
     for i, key in enumerate(runs):
         done = set(shards.finished(key, inputs, units)) if reuse else set()
         finished += len(done)
-        tasks += [Task(i, u, sum(b.x.numel() for b in ev.units[u]) * passes(ev, key)) for u in units if u not in done]
+        for pid, names in enumerate(packs):
+            missing = tuple(c for c in names if c not in done)
+            if missing:
+                tasks.append(Task(i, pid, missing, sum(b.x.numel() for b in ev.packs[pid]) * passes(ev, key)))
     kept = frozenset((ev.cases[r.case].name, r.start) for r in keep)
-    return WorkOrder(model, uuid.uuid4().hex[:8], runs, inputs, units, assign(tasks, world.size), finished, kept)
+    return WorkOrder(model, uuid.uuid4().hex[:8], runs, inputs, units, packs, assign(tasks, world.size), finished, kept)
 
 
-def share_refs(cases: list, dim: int, patch_size: tuple, units: dict) -> list[SampleRef]:
-    """The samples of ``units`` (case id -> starts) among ``cases`` (a rank's share), in order; EvalError
-    when a case here has other samples than rank 0 saw (other data on this node)."""
-    refs = []
-    for ci, case in enumerate(cases):
-        have = {r.start: r.size for r in sample_refs([case], dim, patch_size)}
-        for start in units[case.name]:
-            if tuple(start) not in have:
-                raise EvalError(f"case {case.name} has no sample at {tuple(start)} here, unlike on rank 0: is the "
-                                f"test data the same on every node?")
-            refs.append(SampleRef(ci, tuple(start), have[tuple(start)]))
-    return refs
+def share_packs(cases: list, dim: int, patch_size: tuple, order: WorkOrder, rank: int) -> dict[int, list[SampleRef]]:
+    """{pack id: its samples} of rank ``rank``'s share, among ``cases`` (the cases of the share, loaded
+    here); EvalError when a case here has other samples than rank 0 saw (other data on this node)."""
+    index = {c.name: i for i, c in enumerate(cases)}
+    out = {}
+    for pid in dict.fromkeys(t.pack for t in order.share(rank)):
+        refs = []
+        for name in order.packs[pid]:
+            have = {r.start: r.size for r in sample_refs([cases[index[name]]], dim, patch_size)}
+            for start in order.units[name]:
+                if tuple(start) not in have:
+                    raise EvalError(f"case {name} has no sample at {tuple(start)} here, unlike on rank 0: is the "
+                                    f"test data the same on every node?")
+                refs.append(SampleRef(index[name], tuple(start), have[tuple(start)]))
+        out[pid] = refs
+    return out
 
 
 def fail_after(rank: int) -> int | None:
@@ -138,35 +159,56 @@ def describe_unit(model: str, key: dict, unit: str) -> str:
     return f"{model} {key['attack']} eps={key['eps']:g} case {unit}"
 
 
+def split_cases(evaluation: Evaluation) -> dict[str, Evaluation]:
+    """A pack's evaluation cut into one per case (its samples in order; seconds shared by samples)."""
+    c, names = evaluation.counts, np.array(evaluation.counts.cases)
+    out = {}
+    for name in dict.fromkeys(c.cases):
+        idx = np.flatnonzero(names == name)
+        out[name] = Evaluation(evaluation.attack, evaluation.eps,
+                               Counts(c.tp[idx], c.fp[idx], c.fn[idx], [name] * len(idx)),
+                               evaluation.seconds * len(idx) / max(c.n, 1), [], evaluation.convention,
+                               evaluation.distance[idx], evaluation.on_pad[idx])
+    return out
+
+
 def compute_share(world: World, ev: Evaluator, order: WorkOrder, shards: ShardStore, save_examples=None) -> int:
-    """Compute this rank's tasks, each finished unit written at once; returns how many. The order's
-    examples are saved through ``save_examples(ev, key, evaluation, unit)``.
-    Raises :class:`UnitFailure` naming the unit on any error, :class:`Stopped` when another rank failed."""
-    stop_at, done = fail_after(world.rank), 0
+    """Compute this rank's tasks, each finished unit written at once; returns how many units. The order's
+    examples are saved through ``save_examples(ev, key, evaluation, batches)``. Raises
+    :class:`UnitFailure` naming the unit on any error, :class:`Stopped` when another rank failed."""
+    stop_at, written = fail_after(world.rank), 0
     for task in order.share(world.rank):
         key = order.runs[task.run]
         try:
-            if stop_at == done:
-                raise RuntimeError(f"injected failure after {done} units ({FAIL_AFTER_VAR}={world.rank}:{stop_at})")
-            mine = {r for b in ev.units[task.unit] for r in b.refs if (task.unit, r.start) in order.keep}
-            per_pass = passes(ev, key)
-
-            def on_batch(b, per_pass=per_pass):
-                world.count(f"{order.model}/work", b.x.numel() * per_pass)
-                world.check_stop()
-
-            evaluation = ev.run(key["attack"], key["eps"], batches=ev.units[task.unit], keep=mine, on_batch=on_batch)
-            if evaluation.examples and save_examples is not None:
-                save_examples(ev, key, evaluation, task.unit)
-            shards.write(key, order.inputs, task.unit, order.units[task.unit], evaluation,
-                         {"rank": world.rank, "world_size": world.size, "job": order.job})
+            if stop_at is not None and written >= stop_at:
+                raise RuntimeError(f"injected failure after {written} units ({FAIL_AFTER_VAR}={world.rank}:{stop_at})")
+            written += _compute_task(world, ev, order, shards, task, save_examples)
         except (Stopped, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - any error of a unit stops the job, naming it
-            raise UnitFailure(describe_unit(order.model, key, task.unit), e) from e
-        done += 1
+            raise UnitFailure(describe_unit(order.model, key, task.units[0]), e) from e
+    return written
+
+
+def _compute_task(world: World, ev: Evaluator, order: WorkOrder, shards: ShardStore, task: Task,
+                  save_examples) -> int:
+    key, batches = order.runs[task.run], ev.packs[task.pack]
+    mine = {r for b in batches for r in b.refs if (ev.cases[r.case].name, r.start) in order.keep}
+    per_pass = passes(ev, key)
+
+    def on_batch(b):
+        world.count(f"{order.model}/work", b.x.numel() * per_pass)
+        world.check_stop()
+
+    evaluation = ev.run(key["attack"], key["eps"], batches=batches, keep=mine, on_batch=on_batch)
+    if evaluation.examples and save_examples is not None:
+        save_examples(ev, key, evaluation, batches)
+    meta = {"rank": world.rank, "world_size": world.size, "job": order.job}
+    parts = split_cases(evaluation)
+    for name in task.units:
+        shards.write(key, order.inputs, name, order.units[name], parts[name], meta)
         world.count(f"{order.model}/units", 1)
-    return done
+    return len(task.units)
 
 
 def merge_runs(order: WorkOrder, shards: ShardStore, convention: str) -> list[tuple[dict, Evaluation, dict]]:
@@ -228,7 +270,7 @@ class Progress:
 
     def describe(self, units: int) -> str:
         where = f" on {self.world.size} processes" if self.world.size > 1 else ""
-        return f"{self.order.model}: {units}/{len(self.order.tasks)} units{where}"
+        return f"{self.order.model}: {units}/{self.order.todo} units{where}"
 
     def __exit__(self, *exc) -> None:
         if self.thread is not None:

@@ -81,17 +81,18 @@ def test_a_shard_is_reused_only_for_the_same_run_inputs_and_samples(tmp_path):
 
 
 def test_the_share_out_is_longest_first_onto_the_least_loaded_rank_and_complete():
-    tasks = [units.Task(0, u, w) for u, w in zip("abcdefg", [5, 1, 4, 4, 2, 3, 1])]
+    tasks = [units.Task(0, i, (u,), w) for i, (u, w) in enumerate(zip("abcdefg", [5, 1, 4, 4, 2, 3, 1]))]
     shares = units.assign(tasks, 3)
     # by hand: a(5)->0, c(4)->1, d(4)->2, f(3)->1 (4 < 5), e(2)->2 (4 < 5... 4 + 2 = 6), b(1)->0, g(1)->0
-    assert [[t.unit for t in s] for s in shares] == [["a", "b", "g"], ["c", "f"], ["d", "e"]]
-    assert sorted(t.unit for s in shares for t in s) == list("abcdefg")
+    assert [[t.units[0] for t in s] for s in shares] == [["a", "b", "g"], ["c", "f"], ["d", "e"]]
+    assert sorted(t.units[0] for s in shares for t in s) == list("abcdefg")
     assert [sum(t.weight for t in s) for s in shares] == [7, 7, 6]
     assert units.assign(tasks, 1) == [tasks] and units.assign([], 2) == [[], []]
 
 
 # ---------------------------------------------------------------------------------------------- ranks in threads
 def _cases() -> list[Case]:
+    """Batch 1 packs (PACK_BATCHES = 4 samples): [case_0 case_1] (3 + 2 slices), [case_2] (4)."""
     rng = np.random.default_rng(7)
     out = []
     for i, z in enumerate((3, 2, 4)):
@@ -105,11 +106,11 @@ def _cases() -> list[Case]:
 RUNS = [{"model": "tiny", "attack": "clean", "eps": 0.0}, {"model": "tiny", "attack": "pgd", "eps": 3.0},
         {"model": "tiny", "attack": "apgd-js", "eps": 3.0}]
 INPUTS = {"checkpoint": "x", "images": "y", "labels": "y", "code": "4"}
-SETTINGS = AttackSettings(batch_size=2, pgd_steps=2, apgd_steps=2, seed=3)
+SETTINGS = AttackSettings(batch_size=1, pgd_steps=2, apgd_steps=2, seed=3)
 
 
-def _evaluator(cases, refs=None):
-    return Evaluator(stub_model(TinyNet()), cases, SETTINGS, progress=False, refs=refs)
+def _evaluator(cases, packs=None):
+    return Evaluator(stub_model(TinyNet()), cases, SETTINGS, progress=False, packs=packs)
 
 
 def _rank0(world, out):
@@ -122,7 +123,7 @@ def _rank0(world, out):
 def _follower(world, out):
     def load(order):
         cases = [c for c in _cases() if c.name in order.cases_of(world.rank)]
-        return _evaluator(cases, units.share_refs(cases, 2, (32, 32), order.units))
+        return _evaluator(cases, units.share_packs(cases, 2, (32, 32), order, world.rank))
 
     units.follow(world, "tiny", load, ShardStore(out), None)
 
@@ -148,7 +149,9 @@ def test_two_ranks_give_the_numbers_of_one_and_a_failed_rank_leaves_only_finishe
     order1, one = _job(tmp_path / "one", 1)[0]
     (order2, two), rest = _job(tmp_path / "two", 2)
     assert rest is None and capsys.readouterr().err == ""
-    assert len(order1.tasks) == len(order2.tasks) == 3 * 3 and order2.share(0) and order2.share(1)
+    assert order1.packs == order2.packs == [["case_0", "case_1"], ["case_2"]]
+    assert len(order1.tasks) == len(order2.tasks) == 3 * 2 and order2.todo == 3 * 3
+    assert order2.share(0) and order2.share(1)
     for (k1, e1, r1), (k2, e2, r2) in zip(one, two):
         assert k1 == k2 and e1.counts.cases == e2.counts.cases
         for a in ("tp", "fp", "fn"):
@@ -156,23 +159,24 @@ def test_two_ranks_give_the_numbers_of_one_and_a_failed_rank_leaves_only_finishe
         np.testing.assert_array_equal(e1.distance, e2.distance)
         assert {v["rank"] for v in r1.values()} == {0}
     assert {v["rank"] for _, _, r in two for v in r.values()} == {0, 1}
-    # rank 1 fails when it starts its second unit: rank 0 stops; only finished units are on disk
+    # rank 1 fails as it starts a task after its first finished unit(s): rank 0 stops; only finished units
+    # are on disk
     monkeypatch.setenv(units.FAIL_AFTER_VAR, "1:1")
     assert _job(tmp_path / "failed", 2) == [distributed.STOPPED, distributed.FAILED]
-    second = order2.share(1)[1]  # the same plan: the same shares
+    first, second = order2.share(1)[:2]  # the same plan: the same shares
     (line,) = capsys.readouterr().err.splitlines()
-    unit = units.describe_unit("tiny", RUNS[second.run], second.unit)
-    assert line.startswith(f"prog: error: rank 1 of 2: unit {unit}: RuntimeError: injected failure after 1 units")
+    unit = units.describe_unit("tiny", RUNS[second.run], second.units[0])
+    assert line.startswith(f"prog: error: rank 1 of 2: unit {unit}: RuntimeError: injected failure after "
+                           f"{len(first.units)} units")
     assert (tmp_path / "failed" / "errors" / "rank1.txt").is_file() and f"traceback in" in line
     shards = ShardStore(tmp_path / "failed")
     done = {(i, u) for i, k in enumerate(RUNS) for u in shards.finished(k, INPUTS, order2.units)}
-    rank1_first = order2.share(1)[0]
-    assert (rank1_first.run, rank1_first.unit) in done and 1 <= len(done) < 9
-    assert (second.run, second.unit) not in done
+    assert {(first.run, u) for u in first.units} <= done and 1 <= len(done) < 9
+    assert not {(second.run, u) for u in second.units} & done
     # one process computes exactly the rest, and ends with the numbers of the uninterrupted job
     monkeypatch.delenv(units.FAIL_AFTER_VAR)
     order3, three = _job(tmp_path / "failed", 1)[0]
-    assert order3.finished == len(done) and {(t.run, t.unit) for t in order3.tasks} == \
+    assert order3.finished == len(done) and {(t.run, u) for t in order3.tasks for u in t.units} == \
         {(i, u) for i in range(3) for u in order3.units} - done
     for (_, e1, _), (_, e3, r3) in zip(one, three):
         np.testing.assert_array_equal(e1.counts.tp, e3.counts.tp)
@@ -237,7 +241,7 @@ LAUNCH = "import sys; from nnunet_ima_eval import distributed; " \
 def _args(env, out, *extra) -> list[str]:
     return ["-d", str(TINY_ID), "-c", "2d", "-f", "0", "-tr", EVAL_TRAINER, "-i", str(env.raw / "imagesTs"),
             "-l", str(env.raw / "labelsTs"), "--eps", "0", "40", "--attacks", "pgd", "ifgsm", "worst",
-            "--pgd-steps", "3", "--ifgsm-steps", "2", "--batch-size", "16", "--device", "cpu", "--quiet",
+            "--pgd-steps", "3", "--ifgsm-steps", "2", "--batch-size", "2", "--device", "cpu", "--quiet",
             "--save-examples", "1", "-o", str(out), *extra]
 
 
