@@ -159,6 +159,12 @@ def describe_unit(model: str, key: dict, unit: str) -> str:
     return f"{model} {key['attack']} eps={key['eps']:g} case {unit}"
 
 
+def describe_task(model: str, key: dict, task: Task) -> str:
+    """``STD pgd eps=2 case c7``, ``... case c7 (and 2 more of its pack)``."""
+    more = f" (and {len(task.units) - 1} more of its pack)" if len(task.units) > 1 else ""
+    return describe_unit(model, key, task.units[0]) + more
+
+
 def split_cases(evaluation: Evaluation) -> dict[str, Evaluation]:
     """A pack's evaluation cut into one per case (its samples in order; seconds shared by samples)."""
     c, names = evaluation.counts, np.array(evaluation.counts.cases)
@@ -186,7 +192,7 @@ def compute_share(world: World, ev: Evaluator, order: WorkOrder, shards: ShardSt
         except (Stopped, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - any error of a unit stops the job, naming it
-            raise UnitFailure(describe_unit(order.model, key, task.units[0]), e) from e
+            raise UnitFailure(describe_task(order.model, key, task), e) from e
     return written
 
 

@@ -165,7 +165,7 @@ def test_two_ranks_give_the_numbers_of_one_and_a_failed_rank_leaves_only_finishe
     assert _job(tmp_path / "failed", 2) == [distributed.STOPPED, distributed.FAILED]
     first, second = order2.share(1)[:2]  # the same plan: the same shares
     (line,) = capsys.readouterr().err.splitlines()
-    unit = units.describe_unit("tiny", RUNS[second.run], second.units[0])
+    unit = units.describe_task("tiny", RUNS[second.run], second)
     assert line.startswith(f"prog: error: rank 1 of 2: unit {unit}: RuntimeError: injected failure after "
                            f"{len(first.units)} units")
     assert (tmp_path / "failed" / "errors" / "rank1.txt").is_file() and f"traceback in" in line
