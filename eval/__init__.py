@@ -14,5 +14,7 @@ model's Dice+CE attack loss), :mod:`.data` (cases, samples, padding, batches, la
 worst case), :mod:`.provenance` (what produced a result), :mod:`.report` (store, CSV, JSON,
 ``read_table``, table, plot, examples). ``--scope case`` (whole cases through nnU-Net's sliding-window
 predictor, scored as deployed): :mod:`.case_predictor`, :mod:`.case_scope`, :mod:`.case_metrics`,
-:mod:`.case_checks`, :mod:`.case_examples`.
+:mod:`.case_checks`, :mod:`.case_examples`. Several processes (``torchrun ... -m nnunet_ima_eval``,
+``--num-gpus``): :mod:`.distributed` (the job, the failure line, the launcher), :mod:`.units` (the unit
+of work, the share-out, the merge, the progress bar), :mod:`.shards` (finished units on disk).
 """

@@ -7,6 +7,9 @@
 prints the papers' table (rows = models; columns = clean, P. eps..., IF. eps..., W. eps...) and writes
 results.csv, results.json, samples/, robustness.png (and examples/ with --save-examples N) to -o.
 This module holds the options and their checks; :mod:`.pipeline` the steps of a run.
+
+Several processes (:mod:`.distributed`): ``nnunet-ima-attack ... --num-gpus 4`` on one machine, or
+``torchrun [--nnodes ...] --nproc_per_node 4 -m nnunet_ima_eval ...`` with the same arguments.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from nnunet_ima.ui import DEVICES, OneLineParser, UsageError, add_option, check_writable, report_error, resolve_device, \
     spelling
 
+from . import distributed
 from .attacks import ATTACKS, step_settings
 from .case_scope import BUDGETS, SCOPES
 from .errors import EvalError
@@ -71,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, COMMAND, "output", required=True, help="output folder (created; may hold an earlier run)")
     add_option(p, COMMAND, "batch_size", default=16, help="samples (slices / patches) per attack batch")
     add_option(p, COMMAND, "device", default=None, help=f"{DEVICES} (default: cuda if available, else cpu)")
+    add_option(p, COMMAND, "num_gpus", default=1,
+               help="GPUs to evaluate on, one process each, started here (as nnUNetv2_train -num_gpus); for CPU "
+                    "processes or several nodes: torchrun --nproc_per_node N -m nnunet_ima_eval <these arguments>")
     add_option(p, COMMAND, "overwrite", help="recompute every result, even with unchanged inputs")
     p.add_argument("--save-examples", type=int, default=0, metavar="N",
                    help="save N samples per model/attack/eps as NIfTI (+ PNG overlay)")
@@ -161,32 +168,54 @@ def validate(args) -> None:
     if len(set(args.trainers)) != len(args.trainers):
         raise EvalError("-tr: each trainer once")
     check_writable(args.output, "-o")  # a probe file, before anything is loaded or computed
+    distributed.check_num_gpus(args.num_gpus, args.device)
     args.device = resolve_device(args.device)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command: one process, one rank of a torchrun job (``python -m nnunet_ima_eval``), or, with
+    ``--num-gpus N``, the launcher of N processes. Every rank parses the same arguments (rank 0 alone
+    prints a parse error) and checks them after joining the job (the first rank to fail prints the one
+    line)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rank = distributed.launched_rank()
+    with distributed.only_rank0_speaks():
+        args = build_parser().parse_args(argv)
     try:
-        validate(args)
-        return run(args)
+        if not distributed.in_job():
+            validate(args)
+            if args.num_gpus > 1:
+                return distributed.launch(PROG, [*argv, "--num-gpus", "1"], args.num_gpus)
+        return distributed.run_as_rank(PROG, args.output, lambda world: run(args, world))
     except (EvalError, UsageError) as e:
         return report_error(PROG, e)
     except KeyboardInterrupt:  # before the store was opened: nothing of this run was written
-        print(f"{PROG}: interrupted before any result was computed; nothing written to {args.output}", file=sys.stderr)
+        if rank == 0:
+            print(f"{PROG}: interrupted before any result was computed; nothing written to {args.output}",
+                  file=sys.stderr)
         return 130
 
 
-def run(args) -> int:
+def run(args, world: distributed.World | None = None) -> int:
     """The command after validation: prepare (every check, nothing written), evaluate each model
-    (reusing results whose inputs are unchanged), publish (figures, tables, checks, plot)."""
+    (reusing results whose inputs are unchanged; ``world``: this process's rank in the job, its share
+    of the work), publish (figures, tables, checks, plot: rank 0)."""
     from .pipeline import evaluate_model, prepare, publish
 
-    plan = prepare(args)
+    world = world or distributed.World()
+    if world.size > 1:  # one process checked them before anything started
+        validate(args)
+    args.device = distributed.rank_device(world, args.device)
+    distributed.rank_threads(world)
+    plan = prepare(args, world)
     try:
         results = {tr: evaluate_model(plan, tr) for tr in args.trainers}
-        publish(plan, results)
+        if world.is_main:
+            publish(plan, results)
+            distributed.clear_errors(args.output)
     except KeyboardInterrupt:
-        print(f"nnunet-ima-attack: interrupted; {interrupted(plan)}", file=sys.stderr)
+        if world.is_main:
+            print(f"{PROG}: interrupted; {interrupted(plan)}", file=sys.stderr)
         return 130
     return 0
 
@@ -195,11 +224,13 @@ def interrupted(plan) -> str:
     """What an interrupted run left in the output folder, in words (every finished result is saved with its
     rows at once: results.csv, results.json and read_table hold them)."""
     n, out = plan.store.finished, plan.out
+    units = (f"; the finished test cases of unfinished runs are kept in {out / 'shards'}, and a rerun (with any "
+             f"number of processes) computes only the rest") if plan.shards and plan.shards.root.is_dir() else ""
     if n:
         return (f"the {n} finished results of this run are saved in {out} (results.csv, results.json: rows for "
-                f"every finished result); rerun the same command to compute the rest")
+                f"every finished result){units or '; rerun the same command to compute the rest'}")
     held = " holds only earlier results" if plan.store.rows else ": nothing was written there"
-    return f"no result of this run had finished; {out}{held}"
+    return f"no result of this run had finished; {out}{held}{units}"
 
 
 if __name__ == "__main__":

@@ -161,11 +161,17 @@ def raw_case_files(images: Path, labels: Path, file_ending: str, num_channels: i
     return out
 
 
-def load_raw_cases(model, images, labels) -> list[Case]:
+def load_raw_cases(model, images, labels, cases: list[str] | None = None) -> list[Case]:
     """Raw cases read by :func:`.images.read_case` (the model's reader; every failure one line naming the
-    file) and preprocessed with the model's own preprocessor (as ``nnUNetPredictor`` does)."""
+    file) and preprocessed with the model's own preprocessor (as ``nnUNetPredictor`` does); ``cases``: only
+    these case ids (a rank's share)."""
     dj = model.dataset_json
     files = raw_case_files(images, labels, dj["file_ending"], len(dj.get("channel_names", dj.get("modality", {0: 0}))))
+    if cases is not None:
+        missing = sorted(set(cases) - {cid for cid, _, _ in files})
+        if missing:
+            raise EvalError(f"cases not in {images}: {', '.join(missing)}")
+        files = [f for f in files if f[0] in set(cases)]
     pm, cm = model.plans_manager, model.configuration_manager
     reader = pm.image_reader_writer_class()
     pre = cm.preprocessor_class(verbose=False)

@@ -5,8 +5,12 @@
 2. :func:`evaluate_model` - per model and scope (``--scope``: slices / patch tiles, and / or whole cases
    through nnU-Net's predictor, :mod:`.case_scope`): which results and sanity checks can be reused (same
    settings and same inputs) and which must be computed (saying why); load the model and data only if
-   something is to be computed; check the label values and eps against the inputs; attack (each finished
-   result saved with its rows at once); sanity checks (stored like results).
+   something is to be computed; check the label values and eps against the inputs; attack; sanity checks
+   (stored like results). The sample scope is computed one unit (test case) at a time, shared out over
+   the job's processes (:mod:`.units`; one process is a job of one), each finished unit on disk
+   (:mod:`.shards`), and each run saved with its rows as soon as all its units are there. Rank 0 decides,
+   merges and reports; the other ranks compute their share (:func:`.units.follow`). The case scope runs
+   in rank 0's process.
 3. :func:`publish` - the figures of every result (ADI convention of this run, the "worst" group:
    per sample the lowest Dice over clean and every attack at that eps), the checks (stored sanity checks,
    every stored run's budget, monotonicity), results.json / results.csv, tables, plot.
@@ -23,20 +27,22 @@ import numpy as np
 from nnunet_ima.eps_scale import scale_problems
 from nnunet_ima.ui import warn
 
-from . import case_checks, case_scope, report
+from . import case_checks, case_scope, report, units
 from .attacks import step_settings
 from .case_metrics import case_summary
 from .case_scope import CASE, SAMPLE, scope_of
 from .data import check_label_values, load_fold_cases, load_raw_cases, raw_case_files
+from .distributed import World
 from .errors import EvalError
 from .images import check_raw_cases
 from .metrics import MEAN, adi, summarize, worst_counts
 from .model import dataset_name, load_model, locate
 from .naming import folder_name, identity, same_model
 from .provenance import CODE_VERSION, data_inputs, file_digest, files_digest, versions
-from .runner import CLEAN, WORST, AttackSettings, Evaluator
+from .runner import CLEAN, WORST, AttackSettings, Evaluation, Evaluator
 from .sanity import (budget_check, budget_measure, check_eps0, check_gradient_free, check_large_eps, check_more_steps,
                      check_noise, monotonicity_checks, vacuous_checks, vacuous_reason)
+from .shards import ShardStore
 
 
 @dataclass
@@ -55,6 +61,8 @@ class Plan:
     data: dict = field(default_factory=dict)  # trainer -> {"images": digest, "labels": digest}
     scopes: list = field(default_factory=lambda: [SAMPLE])  # --scope: "sample" and / or "case"
     case: case_scope.CaseSettings = field(default_factory=case_scope.CaseSettings)  # the case scope's predictor
+    world: World = field(default_factory=World)  # this process's rank in the job (one process: rank 0 of 1)
+    shards: ShardStore | None = None             # finished units of unmerged sample-scope runs (-o/shards)
 
     @property
     def out(self) -> Path:
@@ -70,8 +78,10 @@ def _check_raw_layout(args, checkpoint: Path) -> None:
                                    len(dj.get("channel_names", dj.get("modality", {0: 0})))))
 
 
-def prepare(args) -> Plan:
-    """Checks and fingerprints; the store is opened (a damaged one set aside) but nothing is created."""
+def prepare(args, world: World | None = None) -> Plan:
+    """Checks and fingerprints; the store is opened (a damaged one set aside; by rank 0 alone) but nothing
+    is created."""
+    world = world or World()
     name = dataset_name(args.dataset)
     ckpts = {tr: locate(name, args.configuration, args.fold, tr, args.plans, args.checkpoint) for tr in args.trainers}
     if args.images:
@@ -80,13 +90,14 @@ def prepare(args) -> Plan:
                               convention=args.adi_convention, iterate=args.iterate,
                               **{s: getattr(args, s) for s in step_settings()})
     source = "fold" if not args.images else f"raw:{os.path.abspath(args.images)}"
-    store = report.ResultStore(Path(args.output), overwrite=args.overwrite)
+    store = report.ResultStore(Path(args.output), overwrite=args.overwrite or not world.is_main)
     for m in store.messages:
         print(m)
     scopes = [sc for sc in case_scope.SCOPES if sc in args.scope]
     case = case_scope.CaseSettings(args.tile_step, not args.no_mirroring, args.case_budget)
     plan = Plan(args, name, source, sorted(set(args.eps)), [a for a in args.attacks if a != WORST],
-                WORST in args.attacks, settings, store, ckpts, scopes=scopes, case=case)
+                WORST in args.attacks, settings, store, ckpts, scopes=scopes, case=case, world=world,
+                shards=ShardStore(Path(args.output)))
     case_scope.check_case_scope(plan)
     return plan
 
@@ -167,18 +178,35 @@ def _choose_examples(ev: Evaluator, n: int) -> set:
     return {pool[i] for i in idx}
 
 
-def load_evaluator(plan: Plan, tr: str) -> Evaluator:
-    """Model, test cases (label values checked before any attack), batches; eps against the inputs."""
+def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None) -> Evaluator:
+    """Model, test cases (label values checked before any attack), batches; eps against the inputs. With
+    ``share`` (a rank's work order) only the cases and samples of this rank's share."""
     a = plan.args
     model = load_model(plan.name, a.configuration, a.fold, tr, a.plans, a.checkpoint, a.device)
+    names = None if share is None else share.cases_of(plan.world.rank)
     if a.images:
-        cases, where = load_raw_cases(model, a.images, a.labels), f"labels (-l {a.labels})"
+        cases, where = load_raw_cases(model, a.images, a.labels, names), f"labels (-l {a.labels})"
     else:
-        cases, where = load_fold_cases(model, a.fold), f"fold {a.fold}'s preprocessed labels"
+        cases, where = load_fold_cases(model, a.fold, names), f"fold {a.fold}'s preprocessed labels"
     check_label_values(cases, model.num_classes, model.label_manager.ignore_label, where)
-    ev = Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet)
-    check_eps_scale(plan, ev)
+    packs = None if share is None else units.share_packs(cases, len(model.patch_size), model.patch_size, share,
+                                                         plan.world.rank)
+    ev = Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet, packs=packs)
+    if share is None:  # rank 0 checked eps against the whole test set before sharing it out
+        check_eps_scale(plan, ev)
     return ev
+
+
+def load_share(plan: Plan, tr: str, order: units.WorkOrder) -> Evaluator:
+    """A rank's evaluator for its share of ``order``, after checking that the checkpoint and the test data
+    it sees are the ones rank 0 fingerprinted (several nodes: the same files on every node)."""
+    here = inputs_of(plan, tr)
+    if here != order.inputs:
+        from .provenance import describe_changes
+
+        raise EvalError(f"{tr}: the files on this node are not rank 0's ({describe_changes(order.inputs, here)}): "
+                        f"every node needs the same checkpoint and test data")
+    return load_evaluator(plan, tr, order)
 
 
 def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
@@ -199,7 +227,12 @@ def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
 
 def evaluate_model(plan: Plan, tr: str) -> dict:
     """Counts of every run of model ``tr`` in each scope ({row key: Counts}) and its sanity checks in the
-    store; computes only what cannot be reused."""
+    store; computes only what cannot be reused. Ranks > 0 compute their share of rank 0's work order for
+    the sample scope and return {}."""
+    world = plan.world
+    if not world.is_main:
+        units.follow(world, tr, lambda order: load_share(plan, tr, order), plan.shards, _save_examples(plan))
+        return {}
     inputs = {sc: inputs_of(plan, tr, sc) for sc in plan.scopes}
     found, todo, checks_todo = {}, {}, []
     for sc in plan.scopes:
@@ -214,6 +247,7 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
                     print(f"{tr}: recomputing the {sc}-scope sanity checks: {why}")
     n = len(run_keys(plan, tr))
     if not any(todo.values()) and not checks_todo:
+        units.skip(world, tr)
         print(f"{tr}: all {n} results{'' if plan.args.no_sanity else ' and the sanity checks'} already in "
               f"{plan.store.json_path} with unchanged checkpoint, data and settings (use --overwrite to recompute)")
         return found
@@ -226,7 +260,11 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
         if SAMPLE in checks_todo:
             plan.store.put_checks(sanity_key(plan, tr, SAMPLE), inputs[SAMPLE],
                                   sanity_checks(plan, ev, run_keys(plan, tr, SAMPLE), found))
+    else:
+        units.skip(world, tr)
     if CASE in plan.scopes and (todo[CASE] or CASE in checks_todo):
+        if world.size > 1:
+            print(f"{tr}: the case scope runs in this process (rank 0 of {world.size}; not shared out)")
         cev, clean = case_scope.evaluate_cases(plan, ev, todo[CASE], inputs[CASE],
                                                lambda k, run, extra: keep_result(plan, tr, k, inputs[CASE], run,
                                                                                  extra, found))
@@ -246,34 +284,65 @@ def keep_result(plan: Plan, tr: str, k: dict, inputs: dict, evaluation, extra: d
 
 
 def compute_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: dict, found: dict) -> None:
-    """Compute the sample scope's runs of ``todo``; each is saved at once with its budget measure, examples
-    and rows."""
+    """Compute the sample scope's runs of ``todo``, unit by unit over the job's processes (finished units of
+    an earlier job are kept); each run is saved with its budget measure, examples and rows once all its units
+    are there, also when the job is interrupted (Ctrl-C)."""
     keep = _choose_examples(ev, plan.args.save_examples)
-    attacks_todo = [k for k, _ in todo if k["attack"] != CLEAN]
-    clean = ev.run(CLEAN, 0.0, keep=keep) if len(attacks_todo) < len(todo) or (keep and attacks_todo) else None
-    for k, _ in todo:
-        evaluation = clean if k["attack"] == CLEAN else ev.run(k["attack"], k["eps"], keep=keep)
-        extra = {"versions": versions(), "classes": ev.model.class_names}
+    order = units.plan_work(plan.world, ev, tr, [k for k, _ in todo], inputs, plan.shards,
+                            reuse=not plan.args.overwrite, keep=keep)
+    print(order.describe(plan.world.size))
+    try:
+        units.lead(plan.world, ev, order, plan.shards, not plan.args.quiet, _save_examples(plan))
+    except KeyboardInterrupt:  # Ctrl-C: the runs with every unit are saved now (a failed rank: the rerun merges)
+        merge_finished(plan, ev, tr, order, inputs, found, complete_only=True)
+        raise
+    merge_finished(plan, ev, tr, order, inputs, found)
+
+
+def merge_finished(plan: Plan, ev: Evaluator, tr: str, order: units.WorkOrder, inputs: dict, found: dict,
+                   complete_only: bool = False) -> None:
+    """Merge each run of ``order`` from its units, store it (:func:`keep_result`) and remove its shards.
+    EvalError when a unit is missing, unless ``complete_only`` (after an interruption: the runs with every
+    unit are kept, the others stay in shards/ for a rerun)."""
+    for k, evaluation, record in units.merge_runs(order, plan.shards, plan.settings.convention,
+                                                  complete_only=complete_only):
+        extra = {"versions": versions(), "classes": ev.model.class_names, "units": record}
         if k["attack"] != CLEAN:
             extra["budget"] = budget_measure(evaluation)
-            extra.update(_say_and_save_examples(plan, ev, evaluation, clean))
+            _say(ev, evaluation, plan.settings.convention)
+            if order.keep:
+                extra["examples"] = {"n": plan.args.save_examples, "folder": _examples_folder(plan, tr, k).as_posix()}
         keep_result(plan, tr, k, inputs, evaluation, extra, found)
+        plan.shards.clear(k, inputs)  # results.json holds it now
 
 
-def _say_and_save_examples(plan: Plan, ev: Evaluator, evaluation, clean) -> dict:
-    """Print the run's figures; save its examples. Returns what the store records about them."""
-    s = summarize(evaluation.counts, plan.settings.convention)
+def _say(ev: Evaluator, evaluation: Evaluation, convention: str) -> None:
+    s = summarize(evaluation.counts, convention)
     print(f"  {ev.model.label} {evaluation.attack:9} eps={evaluation.eps:<8g} ADI {100 * s['adi'][MEAN]:6.2f}  "
           f"TVDI {100 * s['tvdi'][MEAN]:6.2f}  3D Dice {100 * s['dice3d'][MEAN]:6.2f}  ({evaluation.seconds:.1f} s)")
-    if not evaluation.examples:
-        return {}
-    clean_pred = {ex.ref: ex.pred for ex in clean.examples}
-    for ex in evaluation.examples:
-        ex.pred_clean = clean_pred.get(ex.ref)
-    model = folder_name(identity(common_key(plan, ev.model.trainer)))
-    rel = Path("examples") / model / f"{evaluation.attack}_eps{evaluation.eps:g}"
-    report.save_examples(plan.out / rel, evaluation.examples, ev.model.configuration_manager.spacing)
-    return {"examples": {"n": plan.args.save_examples, "folder": rel.as_posix()}}
+
+
+def _examples_folder(plan: Plan, tr: str, key: dict) -> Path:
+    """examples/<model>/<attack>_eps<eps>, relative to -o."""
+    return Path("examples") / folder_name(identity(common_key(plan, tr))) / f"{key['attack']}_eps{key['eps']:g}"
+
+
+def _save_examples(plan: Plan):
+    """``save(ev, key, evaluation, batches)``: the examples of one task, with the clean prediction beside
+    (predicted again for the kept samples of ``batches``: one forward), to :func:`_examples_folder`."""
+    def save(ev: Evaluator, key: dict, evaluation: Evaluation, batches: list) -> None:
+        if key["attack"] == CLEAN:
+            return
+        kept = {ex.ref for ex in evaluation.examples}
+        batches = [b for b in batches if kept & set(b.refs)]
+        clean_pred = {ex.ref: ex.pred for ex in ev.run(CLEAN, 0.0, batches=batches, keep=kept,
+                                                       on_batch=lambda b: None).examples}
+        for ex in evaluation.examples:
+            ex.pred_clean = clean_pred.get(ex.ref)
+        report.save_examples(plan.out / _examples_folder(plan, ev.model.trainer, key), evaluation.examples,
+                             ev.model.configuration_manager.spacing)
+
+    return save
 
 
 # ------------------------------------------------------------------------------------- sanity

@@ -23,7 +23,9 @@ import json
 import os
 from pathlib import Path
 
-CODE_VERSION = "3"  # bump when a code change alters any reported figure (3: SEA's APGD, masks in every objective)
+CODE_VERSION = "4"  # bump when a code change alters any reported figure (3: SEA's APGD, masks in every objective;
+#                    4: each sample's random start seeded from (seed, attack, eps, case, position),
+#                    batches within packs of whole cases)
 
 _CACHE: dict[tuple, str] = {}
 

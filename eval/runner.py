@@ -12,11 +12,22 @@ the attacks' objectives, the Dice an attack keeps its best iterate by, and the T
 read those labels. The perturbation itself stays on the real image (``region`` = the padding mask:
 its random start and steps never spend budget on padding, which :class:`MaskedInput` zeroes anyway).
 The sanity checks live in :mod:`.sanity`.
+
+Several processes (:mod:`.units`) give the numbers of one: a sample's result never depends on which
+process attacks it. Its batch is fixed by the test set alone: consecutive whole cases of one padded
+shape are packed until a pack fills :data:`PACK_BATCHES` batches (:func:`pack_cases`; a case is never
+split), and batches never cross packs, so every process batches a sample with the same others (the
+network's float arithmetic, hence an iterative attack's path, depends on the batch). Each sample's
+random start comes from its own generator, seeded from (seed, attack, eps, case, position)
+(:func:`sample_seed`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import numpy as np
 import torch
@@ -25,9 +36,10 @@ from tqdm import tqdm
 from nnunet_ima.losses import first, scored_labels, valid_pixels
 from nnunet_ima.norms import get_norm
 from nnunet_ima.predicates import tp_fp_fn
+from nnunet_ima.rng import SampleGenerators
 
 from .attacks import ATTACKS
-from .data import Batch, Case, SampleRef, make_batches, sample_refs
+from .data import Batch, Case, SampleRef, make_batches, padded_shape, sample_refs
 from .metrics import DEFAULT_ADI, Counts, sample_dice_of, summarize
 from .model import LoadedModel, attack_loss
 
@@ -39,6 +51,7 @@ PAPER_ATTACKS = ("pgd", "ifgsm")
 STRONG_APGD_STEPS = 300  # --suite strong: the masked losses need many iterations (SEA runs APGD for hundreds)
 SUITES = {"paper": [*PAPER_ATTACKS], "strong": ["pgd", "segpgd", "cospgd", "apgd-mce", "apgd-bmce", "apgd-js", WORST]}
 ITERATES = ("final", "best")  # --iterate: the point of a PGD-type attack a sample is counted at
+PACK_BATCHES = 4  # a pack of whole cases is closed once it holds this many batches (fewer part-filled batches)
 
 
 @dataclass
@@ -54,7 +67,7 @@ class AttackSettings:
     cospgd_steps: int = 100   # CosPGD iterations
     apgd_steps: int = 100     # iterations of APGD (apgd, apgd-mce, apgd-bmce, apgd-js)
     batch_size: int = 32      # samples per forward/backward
-    seed: int = 0             # seeds random starts (one generator per (attack, eps) run)
+    seed: int = 0             # seeds random starts (one generator per sample: :func:`sample_seed`)
     convention: str = DEFAULT_ADI  # ADI convention of the figures, the sanity checks and the best iterate
     iterate: str = "final"    # "final" (the papers') or "best": PGD-type attacks keep per sample their lowest-Dice iterate
 
@@ -70,6 +83,45 @@ class AttackSettings:
         """What a stored result of ``attack`` depends on besides its settings: "final", or "best-<convention>"
         (the lowest Dice is the convention's, so another ``--adi`` is another point)."""
         return f"best-{self.convention}" if self.keeps_best(attack) else "final"
+
+
+def pack_cases(refs: list[SampleRef], dim: int, pool_factor: tuple, patch_size: tuple,
+               batch_size: int) -> list[list[SampleRef]]:
+    """The samples ``refs`` (case after case) in packs of consecutive whole cases of one padded shape
+    (shapes in order of appearance, cases in order within a shape, as :func:`~.data.make_batches` groups
+    them), each closed once it holds ``PACK_BATCHES * batch_size`` samples: the atoms of the work and of
+    the batching, fixed by the test set and the batch size alone.
+
+    >>> [len(p) for p in pack_cases(refs_of_five_cases_of_20_slices, 2, (8, 8), (64, 64), 16)]
+    [80, 20]
+    """
+    by_shape: dict[tuple, list] = {}
+    for _, rs in groupby(refs, key=lambda r: r.case):
+        rs = list(rs)
+        by_shape.setdefault(padded_shape(rs[0], dim, pool_factor, patch_size), []).append(rs)
+    packs = []
+    for shape_cases in by_shape.values():
+        current: list = []
+        for rs in shape_cases:
+            current += rs
+            if len(current) >= PACK_BATCHES * batch_size:
+                packs.append(current)
+                current = []
+        if current:
+            packs.append(current)
+    return packs
+
+
+def sample_seed(seed: int, attack: str, eps: float, case: str, start: tuple) -> int:
+    """The seed of one sample's random start (a 63-bit int) from the run's ``seed``, the attack, the
+    noise level and the sample's identity (case id, start of its slice / tile): the same whatever the
+    batch, the batch size or the number of processes.
+
+    >>> sample_seed(0, "pgd", 2.0, "case_007", (3, 0, 0)) == sample_seed(0, "pgd", 2.0, "case_007", (3, 0, 0))
+    True
+    """
+    text = json.dumps([int(seed), str(attack), float(eps), str(case), [int(v) for v in start]])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 class MaskedInput(torch.nn.Module):
@@ -124,18 +176,29 @@ class Evaluator:
     >>> clean = ev.run("clean", 0.0)
     >>> adv = ev.run("pgd", 2.0)
     >>> adv.summary["adi"]["mean"]
+
+    ``packs``: pack id -> the batches of a pack of whole cases (:func:`pack_cases`; the atoms several
+    processes share); ``pack_cases``: pack id -> its case ids; ``batches``: all of them, pack after pack,
+    and ``refs`` their samples in that order (the evaluation's order). Default: every slice / tile of
+    ``cases`` (the first ``max_samples`` of them), packed; a rank's share: ``packs`` {id: its samples}.
     """
 
     def __init__(self, model: LoadedModel, cases: list[Case], settings: AttackSettings,
-                 max_samples: int | None = None, progress: bool = True):
+                 max_samples: int | None = None, progress: bool = True, packs: dict | None = None):
         self.model = model
         self.cases = cases
         self.settings = settings
         self.progress = progress
         self.dim = len(model.patch_size)
-        self.refs = sample_refs(cases, self.dim, model.patch_size, max_samples)
-        self.batches = make_batches(cases, self.refs, self.dim, model.pool_factor, model.patch_size,
-                                    settings.batch_size)
+        if packs is None:
+            refs = sample_refs(cases, self.dim, model.patch_size, max_samples)
+            packs = dict(enumerate(pack_cases(refs, self.dim, model.pool_factor, model.patch_size,
+                                              settings.batch_size)))
+        self.packs = {i: make_batches(cases, p, self.dim, model.pool_factor, model.patch_size, settings.batch_size)
+                      for i, p in packs.items()}
+        self.pack_cases = {i: list(dict.fromkeys(cases[r.case].name for r in p)) for i, p in packs.items()}
+        self.batches = [b for i in sorted(self.packs) for b in self.packs[i]]
+        self.refs = [r for b in self.batches for r in b.refs]
         self.attacked = MaskedInput(model.network).eval()
         self.loss = attack_loss(model, settings.loss)
         self.ignore_label = model.label_manager.ignore_label
@@ -168,17 +231,27 @@ class Evaluator:
         return self.registry[attack](self.attacked, b.x, y, eps, norm=s.norm, steps=steps, loss=self.loss,
                                      generator=gen, region=b.mask, best=s.keeps_best(attack), score=self.dice)
 
+    def generators(self, attack: str, eps: float, b: Batch) -> SampleGenerators:
+        """One CPU generator per sample of ``b``, seeded by :func:`sample_seed` (random starts that do not
+        depend on the batch, its size, the device or the process)."""
+        s = self.settings.seed
+        return SampleGenerators.seeded([sample_seed(s, attack, eps, self.cases[r.case].name, r.start) for r in b.refs])
+
     def _attack(self, attack: str, b: Batch, y, eps: float, steps: int | None, gen, custom=None) -> torch.Tensor:
         if custom is not None:
             return custom(b, y, eps, gen)
         if attack == CLEAN or eps == 0:  # the 0-ball holds x alone: every attack returns x, so skip its steps
             return b.x
-        return self.attack(attack, b, y, eps, self.settings.steps(attack) if steps is None else steps, gen)
+        return self.attack(attack, b, y, eps, self.settings.steps(attack) if steps is None else steps,
+                           self.generators(attack, eps, b))
 
     def run(self, attack: str, eps: float, *, steps: int | None = None, batches: list[Batch] | None = None,
-            keep: set | None = None, custom=None) -> Evaluation:
+            keep: set | None = None, custom=None, on_batch=None) -> Evaluation:
         """Attack every batch (or ``batches``) at ``eps``; ``keep``: sample refs to return as examples;
-        ``custom(batch, labels, eps, generator) -> x_adv`` replaces the named attack (sanity checks)."""
+        ``custom(batch, labels, eps, generator) -> x_adv`` replaces the named attack (sanity checks; one
+        generator for the run, seeded with the settings' seed; the named attacks draw each sample's random
+        start from its own, :meth:`generators`). ``on_batch(batch)``: called after each batch (the caller
+        shows the progress then: no bar of this run's own)."""
         dev = self.model.device
         gen = torch.Generator(device=dev).manual_seed(self.settings.seed)
         counts, examples, dist, on_pad = Counts.empty(self.model.num_classes - 1), [], [], []
@@ -186,7 +259,7 @@ class Evaluator:
         t0 = time.perf_counter()
         todo = self.batches if batches is None else batches
         bar = tqdm(todo, desc=f"{self.model.label} {attack} eps={eps:g}", unit="batch", leave=False,
-                   disable=not self.progress)
+                   disable=not self.progress or on_batch is not None)
         for b in bar:
             b = b.to(dev)
             self.attacked.mask = b.mask
@@ -200,6 +273,8 @@ class Evaluator:
             on_pad.append(norm.measure(d * (1 - b.mask)).cpu().numpy())
             if keep:
                 examples += self._examples(b, x_adv, pred, keep)
+            if on_batch is not None:
+                on_batch(b)
         self.attacked.mask = None
         return Evaluation(attack, float(eps), counts, time.perf_counter() - t0, examples, self.settings.convention,
                           np.concatenate(dist) if dist else np.zeros(0), np.concatenate(on_pad) if on_pad else np.zeros(0))

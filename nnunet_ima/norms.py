@@ -14,11 +14,15 @@ for any norm (no ``if norm == "l2"`` chains):
 ``region`` (optional, broadcastable to x, e.g. (B, 1, *S)): the input elements a perturbation may
 touch (1 on the real image, 0 on padding). The random draws then live in that subspace and the whole
 budget goes there: a uniform point of the ball restricted to the region, not a point of the full
-ball with its padding part cut away afterwards.
+ball with its padding part cut away afterwards. ``generator``: a ``torch.Generator``, None, or one
+generator per sample (:class:`nnunet_ima.rng.SampleGenerators`: each sample's draw then does not
+depend on the batch it is in).
 """
 from __future__ import annotations
 
 import torch
+
+from .rng import rand, randn
 
 _TINY = 1e-12
 
@@ -90,15 +94,15 @@ class L2(Norm):
     def random(self, x, eps, generator=None, region=None):
         # uniform in the ball (of the region's subspace): Gaussian direction, radius eps * u^(1/dim)
         region = as_region(region, x)
-        g = restrict(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), region)
+        g = restrict(randn(x.shape, generator, x.device, x.dtype), region)
         power = 1.0 / x[0].numel() if region is None else 1.0 / region.flatten(1).sum(1).clamp(min=1)
-        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        u = rand((x.shape[0],), generator, x.device, x.dtype)
         radius = eps.to(x.dtype) * u.pow(power)
         return self.direction(g) * per_sample_view(radius, x)
 
     def boundary(self, x, eps, generator=None, region=None):
         # uniform on the sphere of radius eps (of the region's subspace): a normalised Gaussian
-        g = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        g = randn(x.shape, generator, x.device, x.dtype)
         return self.direction(restrict(g, as_region(region, x))) * per_sample_view(eps, x)
 
 
@@ -118,12 +122,12 @@ class Linf(Norm):
         return torch.maximum(torch.minimum(d, e), -e)
 
     def random(self, x, eps, generator=None, region=None):
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = rand(x.shape, generator, x.device, x.dtype)
         return restrict((2 * u - 1) * per_sample_view(eps, x), as_region(region, x))
 
     def boundary(self, x, eps, generator=None, region=None):
         # a uniformly drawn vertex of the box (of the region): +-eps in every coordinate
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = rand(x.shape, generator, x.device, x.dtype)
         return restrict(torch.where(u < 0.5, -1.0, 1.0).to(x.dtype) * per_sample_view(eps, x), as_region(region, x))
 
 

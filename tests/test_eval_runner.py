@@ -136,6 +136,54 @@ def test_batched_equals_one_at_a_time_and_padding_is_inert(loss):
         assert ex.adversarial.shape == (1, 27, 30)
 
 
+@pytest.mark.parametrize("attack", ["pgd", "apgd-mce"])
+def test_random_starts_do_not_depend_on_the_batch_and_packs_are_whole_cases(attack):
+    """Issue 23: each sample's random start has its own seed (seed, attack, eps, case, slice), so PGD and
+    APGD give every sample the same result at batch 1 and batch 4; batches never cross a pack of whole
+    cases (the atom several processes share), and packs depend on the test set and batch size alone."""
+    from nnunet_ima_eval.runner import PACK_BATCHES, pack_cases, sample_seed
+
+    rng = np.random.default_rng(4)
+    cases = []
+    for name, z, size in (("a", 3, 24), ("b", 3, 24), ("c", 2, 20), ("d", 2, 24)):
+        lab = np.zeros((z, size, 24), np.int16)
+        lab[:, 5:18, 6:20] = 1
+        lab[:, 9:13, 10:15] = 2
+        cases.append(Case(name, (lab * 1.5 + rng.normal(scale=0.5, size=lab.shape)).astype(np.float32)[None], lab))
+    model = stub_model(TinyNet(), pool=(8, 8))
+    settings = dict(pgd_steps=3, apgd_steps=3, seed=5)
+    one = Evaluator(model, cases, AttackSettings(batch_size=1, **settings), progress=False)
+    four = Evaluator(model, cases, AttackSettings(batch_size=4, **settings), progress=False)
+    # by hand, PACK_BATCHES = 4, every case pads to 24 x 24 (c: H 20 -> 24): batch 1 closes a pack at 4
+    # samples: [a b] (6), [c d] (4); batch 4 (16 samples a pack): one pack [a b c d], batches 4, 4, 2
+    assert PACK_BATCHES == 4
+    assert list(one.pack_cases.values()) == [["a", "b"], ["c", "d"]]
+    assert list(four.pack_cases.values()) == [["a", "b", "c", "d"]] and [len(b.refs) for b in four.batches] == [4, 4, 2]
+    # shapes in order of appearance, cases in order within a shape: e (H 17 -> 24) joins the 24 x 24 packs
+    # after d, f (24 x 40) comes after every 24 x 24 case although it is listed before e
+    odd = Case("e", cases[0].image[:, :, :17], cases[0].label[:, :17])
+    wide = Case("f", np.zeros((1, 2, 24, 40), np.float32), np.zeros((2, 24, 40), np.int16))
+    refs = sample_refs(cases + [wide, odd], 2, (32, 32))
+    got = [[r.case for r in p] for p in pack_cases(refs, 2, (8, 8), (32, 32), 1)]
+    assert got == [[0, 0, 0, 1, 1, 1], [2, 2, 3, 3], [5, 5, 5], [4, 4]]
+    a1, a4 = one.run(attack, 3.0, keep=set(one.refs)), four.run(attack, 3.0, keep=set(four.refs))
+    assert a1.counts.cases == a4.counts.cases
+    np.testing.assert_array_equal(a1.counts.tp, a4.counts.tp)
+    np.testing.assert_array_equal(a1.counts.fp, a4.counts.fp)
+    np.testing.assert_array_equal(a1.counts.fn, a4.counts.fn)
+    for e1, e4 in zip(a1.examples, a4.examples):
+        np.testing.assert_allclose(e1.adversarial, e4.adversarial, atol=1e-5)
+    # another seed gives other starts; the seed of a sample names attack, eps, case and position
+    other = Evaluator(model, cases, AttackSettings(batch_size=4, **{**settings, "seed": 6}), progress=False)
+    far = other.run(attack, 3.0, keep=set(other.refs))
+    assert any(not np.allclose(e.adversarial, f.adversarial, atol=1e-3) for e, f in zip(a4.examples, far.examples))
+    base = sample_seed(5, attack, 3.0, "a", (1, 0, 0))
+    assert base == sample_seed(5, attack, 3.0, "a", (1, 0, 0))
+    assert len({base, sample_seed(5, attack, 3.0, "b", (1, 0, 0)), sample_seed(5, attack, 2.0, "a", (1, 0, 0)),
+                sample_seed(5, "pgd" if attack != "pgd" else "segpgd", 3.0, "a", (1, 0, 0)),
+                sample_seed(5, attack, 3.0, "a", (2, 0, 0)), sample_seed(6, attack, 3.0, "a", (1, 0, 0))}) == 6
+
+
 def test_monotonicity_check_and_table_layout(tmp_path):
     base = dict(model="STD", dataset="D", configuration="2d", plans="p", fold="0", checkpoint="c", source="fold",
                 max_samples=None, norm="l2", loss="dicece")

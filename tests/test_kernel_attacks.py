@@ -149,6 +149,36 @@ def test_row_of_batch_equals_single_sample_attack(trained, norm, attack):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("attack", ["pgd", "apgd"])
+def test_per_sample_generators_make_a_random_start_independent_of_the_batch(trained, norm, attack):
+    """One generator per sample (nnunet_ima.rng.SampleGenerators): row i of the batched attack, random
+    start included, is sample i attacked alone with generator i; one shared generator does not give that."""
+    from nnunet_ima.apgd import apgd
+    from nnunet_ima.rng import SampleGenerators
+
+    model, x, y = trained
+    model, x, y = model.double(), x[:6].double(), y[:6]
+    seeds = [101, 7, 55, 3, 900, 12]
+
+    def fn(xx, yy, gen, steps=3):
+        if attack == "pgd":
+            return pgd(model, xx, yy, 0.5, norm=norm, steps=steps, step_size=0.05, generator=gen)
+        return apgd(model, xx, yy, 0.5, norm=norm, steps=steps, generator=gen)
+
+    for steps in (0, 3):  # 0: the random start itself
+        batched = fn(x, y, SampleGenerators.seeded(seeds), steps)
+        shared = fn(x, y, torch.Generator().manual_seed(1), steps)
+        for i in (0, 2, 5):
+            alone = fn(x[i:i + 1], y[i:i + 1], SampleGenerators.seeded(seeds[i:i + 1]), steps)
+            torch.testing.assert_close(alone[0], batched[i], rtol=0, atol=1e-10)
+            if steps == 0 and i > 0:  # one generator for the batch: a row's start depends on the rows before it
+                assert not torch.allclose(fn(x[i:i + 1], y[i:i + 1], torch.Generator().manual_seed(1), 0)[0], shared[i])
+    with pytest.raises(ValueError, match="one generator per sample"):
+        fn(x, y, SampleGenerators.seeded(seeds[:2]))
+    model.float()
+
+
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("random_start", [False, True])
 def test_scalar_eps_equals_filled_vector(trained, norm, random_start):
     model, x, y = trained

@@ -52,9 +52,11 @@ def test_readme_attack_and_classify_commands_parse():
     from nnunet_ima_eval.cli import _check_attacks
     from nnunet_ima_eval.cli import build_parser as attack_parser
 
-    attack = _readme_commands("nnunet-ima-attack")
+    torchrun = _readme_commands("torchrun")
+    attack = _readme_commands("nnunet-ima-attack") + [  # torchrun ... -m nnunet_ima_eval ARGS: the same arguments
+        "nnunet-ima-attack " + c.split("-m nnunet_ima_eval", 1)[1] for c in torchrun if "-m nnunet_ima_eval " in c]
     classify = [c.replace("torchrun --nproc_per_node 2 -m", "python -m") for c in
-                _readme_commands("python -m nnunet_ima.classify") + _readme_commands("torchrun")]
+                _readme_commands("python -m nnunet_ima.classify") + torchrun if "nnunet_ima.classify" in c]
     assert attack and classify
     for cmd in attack:
         args = attack_parser().parse_args(shlex.split(cmd.replace("$DEVICE", "cpu"))[1:])

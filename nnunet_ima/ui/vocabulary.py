@@ -54,6 +54,7 @@ VOCABULARY: dict[str, Term] = {
                    {"classify": ("--out",), "demo": ("--workdir",)}),
     "quiet": Term("no progress bars", ("--quiet",), _SWITCH, {"classify": ("--no-progress",)}),
     "device": Term("device: cpu, cuda or cuda:N (default: cuda if available, else cpu)", ("--device",)),
+    "num_gpus": Term("GPUs to run on, one process each (nnU-Net's -num_gpus)", ("--num-gpus",), _INT),
     "seed": Term("seed", ("--seed",), _INT),
     "overwrite": Term("redo everything in the output folder", ("--overwrite",), _SWITCH),
     "batch_size": Term("batch size", ("--batch-size",), _INT),
