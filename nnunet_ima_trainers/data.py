@@ -21,11 +21,23 @@ from __future__ import annotations
 import contextlib
 import math
 
+import torch
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from threadpoolctl import threadpool_limits
 
 from .seeding import derived_seeds, rng_scope
+
+
+def one_thread_worker() -> None:
+    """One thread for torch and the BLAS/OpenMP pools in this (forked) augmentation worker, as nnU-Net's
+    ``NonDetMultiThreadedAugmenter`` workers run. batchgenerators' ordered ``MultiThreadedAugmenter`` (a
+    seeded run's) does not do it, and a forked worker that enters the OpenMP pool the training process
+    had started (libgomp is not fork-safe) can wait forever in its first augmentation (seen: a seeded
+    ``nnunet-ima demo`` stuck before its first batch)."""
+    torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 def slice_key(case: str, slice_index: int) -> str:
@@ -50,7 +62,10 @@ class SampleKeyDataLoader(nnUNetDataLoader):
         self.stream, self.first_batch, self.next_batch, self.stride = tuple(stream), first_batch, first_batch, stride
 
     def set_thread_id(self, thread_id):
-        """batchgenerators' worker ``thread_id`` makes batches first + thread_id, first + thread_id + stride, ..."""
+        """Called by batchgenerators in each augmentation worker process, never in the training process:
+        the worker runs on one thread (:func:`one_thread_worker`); worker ``thread_id`` makes batches
+        first + thread_id, first + thread_id + stride, ..."""
+        one_thread_worker()
         super().set_thread_id(thread_id)
         if self.stream is not None:
             self.next_batch = self.first_batch + thread_id

@@ -120,3 +120,33 @@ def test_seeded_batches_do_not_depend_on_the_number_of_augmentation_workers(tiny
     unseeded = build(tiny_env, nnUNetTrainerSTD, None)
     unseeded.initialize()
     assert batches(unseeded, 1)[0] is NonDetMultiThreadedAugmenter
+
+
+def _worker_threads(queue) -> None:
+    from threadpoolctl import threadpool_info
+
+    from nnunet_ima_trainers import SampleKeyDataLoader
+
+    loader = SampleKeyDataLoader.__new__(SampleKeyDataLoader)  # set_thread_id needs no dataset
+    loader.set_thread_id(1)  # what batchgenerators' producer calls first in each worker process
+    queue.put((torch.get_num_threads(), sorted({p["num_threads"] for p in threadpool_info()})))
+
+
+def test_an_augmentation_worker_runs_on_one_thread():
+    """A seeded run's workers (batchgenerators' ordered MultiThreadedAugmenter, forked from a training
+    process on several threads) run on one thread as nnU-Net's own workers do: a forked worker entering
+    the parent's OpenMP pool can hang in its first augmentation."""
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_worker_threads, args=(queue,))
+        proc.start()
+        got = queue.get(timeout=120)
+        proc.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert got == (1, [1])
