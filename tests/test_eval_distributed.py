@@ -328,6 +328,24 @@ def _shard_records(out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_case_scope_in_a_two_process_job_is_rank_0s_and_gives_the_numbers_of_one(env, tmp_path):
+    """``--scope case`` under torchrun: rank 0 computes the whole-case runs (it says so), the other rank
+    waits and the job ends; the rows are those of one process."""
+    args = ["-d", str(TINY_ID), "-c", "2d", "-f", "0", "-tr", EVAL_TRAINER, "-i", str(env.raw / "imagesTs"),
+            "-l", str(env.raw / "labelsTs"), "--eps", "40", "--attacks", "pgd", "--pgd-steps", "2", "--scope",
+            "case", "--no-sanity", "--device", "cpu", "--quiet"]
+    rc, _, stderr = _main([*args, "-o", str(tmp_path / "one")])
+    assert rc == 0, stderr
+    run = _spawn(env, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "-m", "nnunet_ima_eval", *args, "-o", str(tmp_path / "two")])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"{EVAL_TRAINER}: the case scope runs in this process (rank 0 of 2; not shared out)" in run.stdout
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    plain = (lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "source")} for r in rows])
+    assert {r["scope"] for r in two["rows"]} == {"case"} and plain(one["rows"]) == plain(two["rows"])
+
+
 def test_a_killed_rank_stops_the_job_with_one_line_and_one_process_computes_only_the_rest(
         env, one_process, tmp_path, monkeypatch):
     out = tmp_path / "killed"
