@@ -460,7 +460,8 @@ def publish(plan: Plan, results: dict) -> None:
     for metric in ("adi", "tvdi", "dice3d"):
         print(report.table(rows, metric))
         print()
-    print(f"ADI convention: {plan.settings.convention} (the paper's tables used the authors' code: --adi paper)")
+    if SAMPLE in plan.scopes:  # the case scope's rule is nnU-Net's, said by case_scope.describe below
+        print(f"ADI convention: {plan.settings.convention} (the paper's tables used the authors' code: --adi paper)")
     if CASE in plan.scopes:
         print(case_scope.describe(plan.case))
     print("Sanity checks:")

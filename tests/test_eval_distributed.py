@@ -341,6 +341,8 @@ def test_the_case_scope_in_a_two_process_job_is_rank_0s_and_gives_the_numbers_of
                        "-m", "nnunet_ima_eval", *args, "-o", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"{EVAL_TRAINER}: the case scope runs in this process (rank 0 of 2; not shared out)" in run.stdout
+    # a case-only run names nnU-Net's per-case rule, not the sample scope's ADI convention
+    assert "Case scope: whole cases" in run.stdout and "ADI convention:" not in run.stdout
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     plain = (lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "source")} for r in rows])
     assert {r["scope"] for r in two["rows"]} == {"case"} and plain(one["rows"]) == plain(two["rows"])
