@@ -2,7 +2,7 @@
 test session with the real ``nnUNetv2_plan_and_preprocess`` (2d and 3d_fullres)."""
 from __future__ import annotations
 
-import os
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -52,6 +52,21 @@ def nnunet_tiny(tmp_path_factory) -> NnunetTiny:
     write_raw_dataset(env["nnUNet_raw"], TINY_ID, TINY_NAME, train, TINY_LABELS, test=test)
     plan_and_preprocess(TINY_ID, ("2d", "3d_fullres"), env=env)
     return NnunetTiny(root, env)
+
+
+NNUNET_ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
+                   "nnUNet_def_n_proc", "nnUNet_extTrainer")
+
+
+@contextlib.contextmanager
+def nnunet_env_of(tiny: NnunetTiny):
+    """Inside: the nnUNet_* variables of ``tiny`` (a trained fixture's included) in os.environ, for in-process
+    calls of the commands (module-scoped fixtures: ``with nnunet_env_of(tiny_trained_2d) as t: yield t``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k in NNUNET_ENV_KEYS:
+            if k in tiny.env:
+                mp.setenv(k, tiny.env[k])
+        yield tiny
 
 
 @pytest.fixture

@@ -24,15 +24,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import EVAL_TRAINER, EVAL_TRAINER_3D, TINY_ID
+from conftest import EVAL_TRAINER, EVAL_TRAINER_3D, TINY_ID, nnunet_env_of
 from nnunet_ima_eval.case_metrics import case_dice, case_summary
 from nnunet_ima_eval.case_scope import CaseSettings, case_budget, case_keys
 from nnunet_ima_eval.metrics import Counts
 from nnunet_ima_eval.report import read_sample_dice, row_key, table
 from nnunet_ima_eval.runner import AttackSettings
 
-ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
-            "nnUNet_def_n_proc", "nnUNet_extTrainer")
 
 
 # ---------------------------------------------------------------------------------------------- units
@@ -133,19 +131,12 @@ def raw_2d(tmp_path_factory):
     return images, labels
 
 
-def _env(trained):
-    mp = pytest.MonkeyPatch()
-    for k in ENV_KEYS:
-        if k in trained.env:
-            mp.setenv(k, trained.env[k])
-    return mp
 
 
 @pytest.fixture(scope="module")
 def env2d(tiny_trained_2d):
-    mp = _env(tiny_trained_2d)
-    yield tiny_trained_2d
-    mp.undo()
+    with nnunet_env_of(tiny_trained_2d) as tiny:
+        yield tiny
 
 
 def common_2d(out, raw) -> list[str]:
@@ -282,9 +273,8 @@ def test_bad_case_options_are_one_line(bad, message, tmp_path):
 # ---------------------------------------------------------------------------------------------- 3d
 @pytest.fixture(scope="module")
 def env3d(tiny_trained_3d):
-    mp = _env(tiny_trained_3d)
-    yield tiny_trained_3d
-    mp.undo()
+    with nnunet_env_of(tiny_trained_3d) as tiny:
+        yield tiny
 
 
 @pytest.mark.slow

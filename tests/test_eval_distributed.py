@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EVAL_TRAINER, TINY_ID
+from conftest import EVAL_TRAINER, TINY_ID, nnunet_env_of
 from nnunet_ima_eval import distributed, units
 from nnunet_ima_eval.data import Case
 from nnunet_ima_eval.distributed import LocalStore, World
@@ -232,8 +232,6 @@ def test_num_gpus_without_the_gpus_is_one_line_before_anything_starts(gpus, tmp_
 
 
 # ---------------------------------------------------------------------------------------------- real jobs
-ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
-            "nnUNet_def_n_proc", "nnUNet_extTrainer")
 LAUNCH = "import sys; from nnunet_ima_eval import distributed; " \
          "sys.exit(distributed.launch('nnunet-ima-attack', sys.argv[1:], 2))"
 
@@ -252,11 +250,8 @@ def _spawn(env, command: list[str], **extra_env) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def env(tiny_trained_2d):
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ENV_KEYS:
-            if k in tiny_trained_2d.env:
-                mp.setenv(k, tiny_trained_2d.env[k])
-        yield tiny_trained_2d
+    with nnunet_env_of(tiny_trained_2d) as tiny:
+        yield tiny
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import EVAL_TRAINER, TINY_ID
+from conftest import EVAL_TRAINER, TINY_ID, nnunet_env_of
 
 pytestmark = pytest.mark.slow
 
-ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile",
-            "nnUNet_def_n_proc", "nnUNet_extTrainer")
 LARGE_EPS = 40.0  # a 32 x 32 z-scored slice has L2 norm ~32: this is a big perturbation
 
 
@@ -51,11 +49,8 @@ def attack(args: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def env(tiny_trained_2d):
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ENV_KEYS:
-            if k in tiny_trained_2d.env:
-                mp.setenv(k, tiny_trained_2d.env[k])
-        yield tiny_trained_2d
+    with nnunet_env_of(tiny_trained_2d) as tiny:
+        yield tiny
 
 
 def common(env, out) -> list[str]:

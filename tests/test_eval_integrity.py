@@ -19,8 +19,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import EVAL_TRAINER
-from test_eval_e2e import ENV_KEYS, attack, common
+from conftest import EVAL_TRAINER, nnunet_env_of
+from test_eval_e2e import attack, common
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,8 @@ MODEL_DIR = f"{EVAL_TRAINER}__nnUNetPlans__2d"
 
 @pytest.fixture(scope="module")
 def env(tiny_trained_2d):
-    with pytest.MonkeyPatch.context() as mp:
-        for k in ENV_KEYS:
-            if k in tiny_trained_2d.env:
-                mp.setenv(k, tiny_trained_2d.env[k])
-        yield tiny_trained_2d
+    with nnunet_env_of(tiny_trained_2d) as tiny:
+        yield tiny
 
 
 def results(out) -> dict:
