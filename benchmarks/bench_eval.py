@@ -108,12 +108,12 @@ def worker(args) -> None:
     t, c = time.perf_counter(), time.process_time()
     if world.is_main:
         order = units.plan_work(world, ev, "bench", [key], inputs, shards)
-        units.lead(world, ev, order, shards, progress=False, save_examples=None)
+        units.lead(world, units.SampleWork(ev), order, shards, progress=False)
         ((_, evaluation, _),) = units.merge_runs(order, shards, settings.convention)
         np.savez(Path(args.work) / "counts.npz", tp=evaluation.counts.tp, fp=evaluation.counts.fp,
                  fn=evaluation.counts.fn)
     else:
-        units.follow(world, "bench", lambda order: ev, shards, None)
+        units.follow(world, "bench", lambda order: units.SampleWork(ev), shards)
     wall, cpu = time.perf_counter() - t, time.process_time() - c
     (Path(args.work) / f"rank{world.rank}.json").write_text(json.dumps({"wall": wall, "cpu": cpu}))
 

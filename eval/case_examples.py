@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_ima.plumbing import atomic_write
+
 from .case_metrics import case_summary
 
 
@@ -92,10 +94,15 @@ def save_case_examples(folder: Path, cev, evaluation, clean) -> list[Path]:
                 written.append(folder / f"{case.name}_{name}{ending}")
         shutil.copy(case.label_file, folder / f"{case.name}_label{ending}")
         written += [folder / f"{case.name}_label{ending}"] + _save_images(cev, case, res, folder, notes)
-    lines = ["Segmentations and labels: original geometry (nnU-Net's export).",
-             "Images (image, adversarial, noise; channel 0): the network's input units (after nnU-Net's "
-             "normalisation)."] + notes
-    (folder / "README.txt").write_text("\n".join(lines) + "\n")
+    head = ["Segmentations and labels: original geometry (nnU-Net's export).",
+            "Images (image, adversarial, noise; channel 0): the network's input units (after nnU-Net's "
+            "normalisation)."]
+    readme = folder / "README.txt"  # one line per case: the cases of a run may be saved one at a time
+    before = [ln for ln in readme.read_text().splitlines() if ln not in head] if readme.is_file() else []
+    done = {ln.split(":")[0] for ln in notes}
+    lines = head + [ln for ln in before if ln.split(":")[0] not in done] + notes
+    with atomic_write(readme, "w") as f:
+        f.write("\n".join(lines) + "\n")
     return written
 
 

@@ -23,6 +23,12 @@ Per model and case (the preprocessed case, the space the network and eps live in
 So the figures are what ``nnUNetv2_predict`` gives for that image: the differentiable predictor can make
 the attack weaker (fp32 vs fp16, a different objective), never the score better.
 
+Several processes (:mod:`.units`): the unit of the case scope is one case of one run, a task too (one
+case per pack, weighted by its windows x mirrored passes x network passes); :func:`work_order` is rank 0's
+share-out, :class:`CaseWork` a rank's computation. Each case's random start comes from its own generator
+seeded from (seed, attack, eps, case) (:func:`~.runner.sample_seed`), so a case's result does not depend
+on the other cases nor on the number of processes.
+
 >>> cev = CaseEvaluator(evaluator, CaseSettings(tile_step=0.5, mirroring=True))
 >>> cev.run("pgd", 2.0).counts         # per-case TP/FP/FN in the original geometry
 """
@@ -44,8 +50,14 @@ from nnunet_ima.norms import get_norm
 
 from .case_metrics import CASE, SAMPLE, SCOPES, scope_of  # noqa: F401 (the scope names, re-exported)
 from .case_predictor import CasePredictor, sliding_window_slicers
+from . import units
 from .metrics import Counts
-from .runner import CLEAN, Evaluation, Evaluator
+from .runner import CLEAN, Evaluation, Evaluator, sample_seed
+
+#: what the case scope's results depend on in its code besides CODE_VERSION (2: one random start per case)
+CASE_CODE_VERSION = 2
+#: a case-scope unit's one "sample" (the whole case), as the shards record a unit's samples
+WHOLE = (0,)
 
 
 @dataclass(frozen=True)
@@ -136,13 +148,14 @@ class CaseEvaluator:
 
     def windows(self) -> int:
         """Sliding windows over all cases (one pass, without mirroring)."""
+        return sum(self.case_windows(case) for case in self.cases)
+
+    def case_windows(self, case) -> int:
+        """Sliding windows over one case (one pass, without mirroring)."""
         from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
-        n = 0
-        for case in self.cases:
-            shape = pad_nd_image(case.image, self.model.patch_size).shape[1:]
-            n += len(sliding_window_slicers(shape, self.model.patch_size, self.settings.tile_step))
-        return n
+        shape = pad_nd_image(case.image, self.model.patch_size).shape[1:]
+        return len(sliding_window_slicers(shape, self.model.patch_size, self.settings.tile_step))
 
     def budget(self, case) -> tuple:
         """(Norm, radius factor) of one case."""
@@ -203,8 +216,8 @@ class CaseEvaluator:
         """Attack every case (or ``cases``, indices into ``ev.cases``) at ``eps`` and score it as deployed.
         ``keep``: case indices whose :class:`CaseResult` is returned (``examples``); ``custom(case, x, y,
         eps, gen) -> x_adv`` replaces the named attack (sanity checks). ``distance``: per case the
-        perturbation's norm in units of eps (the largest block's, or the whole case's / its factor)."""
-        gen = torch.Generator(device=self.model.device).manual_seed(self.ev.settings.seed)
+        perturbation's norm in units of eps (the largest block's, or the whole case's / its factor). Each
+        case's random draws come from its own generator (:meth:`generator`)."""
         counts, examples, dist = Counts.empty(self.model.num_classes - 1), [], []
         t0 = time.perf_counter()
         todo = self.indices if cases is None else cases
@@ -212,7 +225,7 @@ class CaseEvaluator:
                       disable=not self.progress):
             case = self.ev.cases[i]
             x, y = self.inputs(case)
-            x_adv = self._point(attack, case, x, y, eps, steps, gen, custom)
+            x_adv = self._point(attack, case, x, y, eps, steps, self.generator(attack, eps, case), custom)
             seg = self.deployed(x_adv, case)
             counts.add(*self.count(seg, case), [case.name])
             norm, factor = self.budget(case)
@@ -221,6 +234,11 @@ class CaseEvaluator:
                 examples.append(CaseResult(i, x_adv.detach().cpu(), seg))
         return Evaluation(attack, float(eps), counts, time.perf_counter() - t0, examples, "nnunet",
                           np.array(dist), np.zeros(len(dist)))
+
+    def generator(self, attack: str, eps: float, case) -> torch.Generator:
+        """The generator of one case's random draws in a run, seeded from (seed, attack, eps, case)."""
+        seed = sample_seed(self.ev.settings.seed, attack, eps, case.name, WHOLE)
+        return torch.Generator(device=self.model.device).manual_seed(seed)
 
     def _point(self, attack, case, x, y, eps, steps, gen, custom) -> torch.Tensor:
         if custom is not None:
@@ -251,8 +269,10 @@ def check_case_scope(plan) -> None:
 
 
 def case_inputs(plan, inputs: dict) -> dict:
-    """What a case-scope result depends on besides the sample scope's inputs: for the fold's cases, the
-    raw labels they are scored against (``gt_segmentations``); ``-l`` is in ``inputs`` already."""
+    """What a case-scope result depends on besides the sample scope's inputs: the case scope's code version
+    and, for the fold's cases, the raw labels they are scored against (``gt_segmentations``); ``-l`` is in
+    ``inputs`` already."""
+    inputs = {**inputs, "case_code": CASE_CODE_VERSION}
     if plan.source != "fold":
         return inputs
     from .provenance import files_digest
@@ -262,29 +282,48 @@ def case_inputs(plan, inputs: dict) -> dict:
     return {**inputs, "raw_labels": files_digest(files, gt)}
 
 
-def evaluate_cases(plan, ev: Evaluator, todo: list, inputs: dict, keep_result) -> tuple["CaseEvaluator", Evaluation]:
-    """Compute the case-scope runs ``todo`` [(key, why)] of one model (its sample-scope ``ev``); each finished
-    run goes to ``keep_result(key, evaluation, extra)`` at once (extra: versions, classes, budget measure,
-    examples). Returns the case evaluator and the clean run (the sanity checks read them)."""
-    from .case_examples import choose_cases, save_case_examples, say
-    from .naming import folder_name, identity
-    from .provenance import versions
-    from .sanity import budget_measure
+def job_name(tr: str) -> str:
+    """The case scope's name in a job's work orders and progress (the sample scope's is the trainer's)."""
+    return f"{tr} (case scope)"
 
-    cev = CaseEvaluator(ev, plan.case)
-    print(f"{ev.model.label}: case scope: {len(cev.indices)} cases, {cev.windows()} windows x "
-          f"{len(cev.predictor.flips)} mirrored passes; {len(todo)} results to compute")
-    keep = choose_cases(cev, plan.args.save_examples)
-    clean = cev.run(CLEAN, 0.0, keep=keep)
-    model = folder_name(identity({**todo[0][0], "model": ev.model.trainer})) if todo else None
-    for k, _ in todo:
-        evaluation = clean if k["attack"] == CLEAN else cev.run(k["attack"], k["eps"], keep=keep)
-        extra = {"versions": versions(), "classes": ev.model.class_names}
-        if k["attack"] != CLEAN:
-            extra["budget"] = budget_measure(evaluation)
-            say(cev, evaluation)
-            rel = f"examples/{model}/case/{evaluation.attack}_eps{evaluation.eps:g}"
-            if save_case_examples(plan.out / rel, cev, evaluation, clean):
-                extra["examples"] = {"n": plan.args.save_examples, "folder": rel}
-        keep_result(k, evaluation, extra)
-    return cev, clean
+
+def work_order(world, cev: CaseEvaluator, model: str, runs: list[dict], inputs: dict, shards, reuse: bool = True,
+               keep: set = frozenset()) -> "units.WorkOrder":
+    """Rank 0: the case scope's units of ``runs`` still to compute (finished ones on disk kept when ``reuse``),
+    one task per (run, case), shared out over the ranks like the sample scope's packs; ``keep``: case indices
+    whose examples are saved."""
+    import uuid
+
+    names = [cev.ev.cases[i].name for i in cev.indices]
+    weight = {c.name: cev.case_windows(c) * len(cev.predictor.flips) for c in cev.cases}  # network passes
+    all_units = {n: [WHOLE] for n in names}
+    tasks, finished = [], 0
+    for r, key in enumerate(runs):
+        done = set(shards.finished(key, inputs, all_units)) if reuse else set()
+        finished += len(done)
+        tasks += [units.Task(r, p, (n,), weight[n] * units.passes(cev.ev, key))
+                  for p, n in enumerate(names) if n not in done]
+    kept = frozenset((cev.ev.cases[i].name, WHOLE) for i in keep)
+    return units.WorkOrder(model, uuid.uuid4().hex[:8], runs, inputs, all_units, [[n] for n in names],
+                           units.assign(tasks, world.size), finished, kept)
+
+
+class CaseWork:
+    """A rank's case-scope tasks (:func:`.units.compute_share`): one case of one run through
+    :meth:`CaseEvaluator.run`; a kept case's example saved through ``save_examples(cev, key, evaluation,
+    index)``."""
+
+    def __init__(self, cev: CaseEvaluator, save_examples=None):
+        self.cev, self.save_examples = cev, save_examples
+        cev.progress = False  # the job's one progress bar counts the cases
+        self.index = {cev.ev.cases[i].name: i for i in cev.indices}
+
+    def compute(self, order, task, progress) -> Evaluation:
+        key, (name,) = order.runs[task.run], order.packs[task.pack]
+        i = self.index[name]
+        keep = {i} if (name, WHOLE) in order.keep else set()
+        evaluation = self.cev.run(key["attack"], key["eps"], cases=[i], keep=keep)
+        if evaluation.examples and self.save_examples is not None:
+            self.save_examples(self.cev, key, evaluation, i)
+        progress(task.weight)
+        return evaluation

@@ -178,9 +178,10 @@ def _choose_examples(ev: Evaluator, n: int) -> set:
     return {pool[i] for i in idx}
 
 
-def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None) -> Evaluator:
+def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None, scope: str = SAMPLE) -> Evaluator:
     """Model, test cases (label values checked before any attack), batches; eps against the inputs. With
-    ``share`` (a rank's work order) only the cases and samples of this rank's share."""
+    ``share`` (a rank's work order of ``scope``) only the cases (and, in the sample scope, the samples) of
+    this rank's share: the case scope's work needs the cases alone (no batches)."""
     a = plan.args
     model = load_model(plan.name, a.configuration, a.fold, tr, a.plans, a.checkpoint, a.device)
     names = None if share is None else share.cases_of(plan.world.rank)
@@ -189,24 +190,29 @@ def load_evaluator(plan: Plan, tr: str, share: units.WorkOrder | None = None) ->
     else:
         cases, where = load_fold_cases(model, a.fold, names), f"fold {a.fold}'s preprocessed labels"
     check_label_values(cases, model.num_classes, model.label_manager.ignore_label, where)
-    packs = None if share is None else units.share_packs(cases, len(model.patch_size), model.patch_size, share,
-                                                         plan.world.rank)
+    packs = None if share is None else {} if scope == CASE else \
+        units.share_packs(cases, len(model.patch_size), model.patch_size, share, plan.world.rank)
     ev = Evaluator(model, cases, plan.settings, max_samples=a.max_samples, progress=not a.quiet, packs=packs)
     if share is None:  # rank 0 checked eps against the whole test set before sharing it out
         check_eps_scale(plan, ev)
     return ev
 
 
-def load_share(plan: Plan, tr: str, order: units.WorkOrder) -> Evaluator:
-    """A rank's evaluator for its share of ``order``, after checking that the checkpoint and the test data
-    it sees are the ones rank 0 fingerprinted (several nodes: the same files on every node)."""
-    here = inputs_of(plan, tr)
+def load_share(plan: Plan, tr: str, order: units.WorkOrder, scope: str = SAMPLE):
+    """A rank's work for its share of ``order`` in ``scope`` (:class:`.units.SampleWork` or
+    :class:`.case_scope.CaseWork`), after checking that the checkpoint and the test data it sees are the
+    ones rank 0 fingerprinted (several nodes: the same files on every node)."""
+    here = inputs_of(plan, tr, scope)
     if here != order.inputs:
         from .provenance import describe_changes
 
         raise EvalError(f"{tr}: the files on this node are not rank 0's ({describe_changes(order.inputs, here)}): "
                         f"every node needs the same checkpoint and test data")
-    return load_evaluator(plan, tr, order)
+    ev = load_evaluator(plan, tr, order, scope)
+    if scope == SAMPLE:
+        return units.SampleWork(ev, _save_examples(plan))
+    return case_scope.CaseWork(case_scope.CaseEvaluator(ev, plan.case, list(range(len(ev.cases)))),
+                               _save_case_examples(plan, tr))
 
 
 def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
@@ -230,8 +236,10 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
     store; computes only what cannot be reused. Ranks > 0 compute their share of rank 0's work order for
     the sample scope and return {}."""
     world = plan.world
-    if not world.is_main:
-        units.follow(world, tr, lambda order: load_share(plan, tr, order), plan.shards, _save_examples(plan))
+    if not world.is_main:  # rank 0 publishes one order per model for the sample scope, one for the case scope
+        units.follow(world, tr, lambda order: load_share(plan, tr, order), plan.shards)
+        if CASE in plan.scopes:
+            units.follow(world, case_scope.job_name(tr), lambda order: load_share(plan, tr, order, CASE), plan.shards)
         return {}
     inputs = {sc: inputs_of(plan, tr, sc) for sc in plan.scopes}
     found, todo, checks_todo = {}, {}, []
@@ -248,6 +256,8 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
     n = len(run_keys(plan, tr))
     if not any(todo.values()) and not checks_todo:
         units.skip(world, tr)
+        if CASE in plan.scopes:
+            units.skip(world, case_scope.job_name(tr))
         print(f"{tr}: all {n} results{'' if plan.args.no_sanity else ' and the sanity checks'} already in "
               f"{plan.store.json_path} with unchanged checkpoint, data and settings (use --overwrite to recompute)")
         return found
@@ -263,14 +273,14 @@ def evaluate_model(plan: Plan, tr: str) -> dict:
     else:
         units.skip(world, tr)
     if CASE in plan.scopes and (todo[CASE] or CASE in checks_todo):
-        if world.size > 1:
-            print(f"{tr}: the case scope runs in this process (rank 0 of {world.size}; not shared out)")
-        cev, clean = case_scope.evaluate_cases(plan, ev, todo[CASE], inputs[CASE],
-                                               lambda k, run, extra: keep_result(plan, tr, k, inputs[CASE], run,
-                                                                                 extra, found))
+        cev = compute_case_runs(plan, ev, tr, todo[CASE], inputs[CASE], found)
         if CASE in checks_todo:
+            keys = run_keys(plan, tr, CASE)
+            clean = Evaluation(CLEAN, 0.0, found[report.row_key(keys[0])], 0.0, convention="nnunet")
             plan.store.put_checks(sanity_key(plan, tr, CASE), inputs[CASE],
-                                  case_checks.case_sanity_checks(plan, cev, clean, run_keys(plan, tr, CASE), found))
+                                  case_checks.case_sanity_checks(plan, cev, clean, keys, found))
+    elif CASE in plan.scopes:
+        units.skip(world, case_scope.job_name(tr))
     return found
 
 
@@ -291,29 +301,52 @@ def compute_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: dict, f
     order = units.plan_work(plan.world, ev, tr, [k for k, _ in todo], inputs, plan.shards,
                             reuse=not plan.args.overwrite, keep=keep)
     print(order.describe(plan.world.size))
+    lead_and_merge(plan, tr, units.SampleWork(ev, _save_examples(plan)), order, inputs, found,
+                   ev.model.class_names, lambda e: _say(ev, e, plan.settings.convention),
+                   lambda k: _examples_folder(plan, tr, k))
+
+
+def compute_case_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: dict, found: dict):
+    """The case scope's runs of ``todo`` as :func:`compute_runs` computes the sample scope's: one unit per
+    case and run, shared out over the job's processes. Returns the case evaluator (the sanity checks use it)."""
+    from .case_examples import choose_cases, say
+
+    cev = case_scope.CaseEvaluator(ev, plan.case)
+    print(f"{ev.model.label}: case scope: {len(cev.indices)} cases, {cev.windows()} windows x "
+          f"{len(cev.predictor.flips)} mirrored passes; {len(todo)} results to compute")
+    order = case_scope.work_order(plan.world, cev, case_scope.job_name(tr), [k for k, _ in todo], inputs,
+                                  plan.shards, reuse=not plan.args.overwrite,
+                                  keep=choose_cases(cev, plan.args.save_examples))
+    print(order.describe(plan.world.size))
+    lead_and_merge(plan, tr, case_scope.CaseWork(cev, _save_case_examples(plan, tr)), order, inputs, found,
+                   ev.model.class_names, lambda e: say(cev, e), lambda k: _case_examples_folder(plan, tr, k))
+    return cev
+
+
+def lead_and_merge(plan: Plan, tr: str, work, order: units.WorkOrder, inputs: dict, found: dict, classes: dict,
+                   say, examples_folder) -> None:
+    """Compute ``order`` over the job (rank 0's share through ``work``), then merge each run and keep it
+    (:func:`keep_result`, with its budget measure, the units' record and, when examples are kept, their
+    folder ``examples_folder(key)``), printing it through ``say(evaluation)``; after Ctrl-C the runs whose
+    units are all there are kept first."""
+    def merge(complete_only: bool) -> None:
+        for k, evaluation, record in units.merge_runs(order, plan.shards, plan.settings.convention,
+                                                      complete_only=complete_only):
+            extra = {"versions": versions(), "classes": classes, "units": record}
+            if k["attack"] != CLEAN:
+                extra["budget"] = budget_measure(evaluation)
+                say(evaluation)
+                if order.keep:
+                    extra["examples"] = {"n": plan.args.save_examples, "folder": examples_folder(k).as_posix()}
+            keep_result(plan, tr, k, inputs, evaluation, extra, found)
+            plan.shards.clear(k, inputs)  # results.json holds it now
+
     try:
-        units.lead(plan.world, ev, order, plan.shards, not plan.args.quiet, _save_examples(plan))
+        units.lead(plan.world, work, order, plan.shards, not plan.args.quiet)
     except KeyboardInterrupt:  # Ctrl-C: the runs with every unit are saved now (a failed rank: the rerun merges)
-        merge_finished(plan, ev, tr, order, inputs, found, complete_only=True)
+        merge(complete_only=True)
         raise
-    merge_finished(plan, ev, tr, order, inputs, found)
-
-
-def merge_finished(plan: Plan, ev: Evaluator, tr: str, order: units.WorkOrder, inputs: dict, found: dict,
-                   complete_only: bool = False) -> None:
-    """Merge each run of ``order`` from its units, store it (:func:`keep_result`) and remove its shards.
-    EvalError when a unit is missing, unless ``complete_only`` (after an interruption: the runs with every
-    unit are kept, the others stay in shards/ for a rerun)."""
-    for k, evaluation, record in units.merge_runs(order, plan.shards, plan.settings.convention,
-                                                  complete_only=complete_only):
-        extra = {"versions": versions(), "classes": ev.model.class_names, "units": record}
-        if k["attack"] != CLEAN:
-            extra["budget"] = budget_measure(evaluation)
-            _say(ev, evaluation, plan.settings.convention)
-            if order.keep:
-                extra["examples"] = {"n": plan.args.save_examples, "folder": _examples_folder(plan, tr, k).as_posix()}
-        keep_result(plan, tr, k, inputs, evaluation, extra, found)
-        plan.shards.clear(k, inputs)  # results.json holds it now
+    merge(complete_only=False)
 
 
 def _say(ev: Evaluator, evaluation: Evaluation, convention: str) -> None:
@@ -325,6 +358,25 @@ def _say(ev: Evaluator, evaluation: Evaluation, convention: str) -> None:
 def _examples_folder(plan: Plan, tr: str, key: dict) -> Path:
     """examples/<model>/<attack>_eps<eps>, relative to -o."""
     return Path("examples") / folder_name(identity(common_key(plan, tr))) / f"{key['attack']}_eps{key['eps']:g}"
+
+
+def _case_examples_folder(plan: Plan, tr: str, key: dict) -> Path:
+    """examples/<model>/case/<attack>_eps<eps>, relative to -o."""
+    return Path("examples") / folder_name(identity(common_key(plan, tr))) / "case" / f"{key['attack']}_eps{key['eps']:g}"
+
+
+def _save_case_examples(plan: Plan, tr: str):
+    """``save(cev, key, evaluation, index)``: one kept case of a case-scope run, with its clean prediction
+    beside (predicted again: one pass of nnU-Net's predictor), to :func:`_case_examples_folder`."""
+    from .case_examples import save_case_examples
+
+    def save(cev, key: dict, evaluation: Evaluation, index: int) -> None:
+        if key["attack"] == CLEAN:
+            return
+        clean = cev.run(CLEAN, 0.0, cases=[index], keep={index})
+        save_case_examples(plan.out / _case_examples_folder(plan, tr, key), cev, evaluation, clean)
+
+    return save
 
 
 def _save_examples(plan: Plan):

@@ -178,17 +178,38 @@ def split_cases(evaluation: Evaluation) -> dict[str, Evaluation]:
     return out
 
 
-def compute_share(world: World, ev: Evaluator, order: WorkOrder, shards: ShardStore, save_examples=None) -> int:
-    """Compute this rank's tasks, each finished unit written at once; returns how many units. The order's
-    examples are saved through ``save_examples(ev, key, evaluation, batches)``. Raises
-    :class:`UnitFailure` naming the unit on any error, :class:`Stopped` when another rank failed."""
+class SampleWork:
+    """The sample scope's tasks: a pack's batches through :meth:`~.runner.Evaluator.run`; the order's
+    examples saved through ``save_examples(ev, key, evaluation, batches)``."""
+
+    def __init__(self, ev: Evaluator, save_examples=None):
+        self.ev, self.save_examples = ev, save_examples
+
+    def compute(self, order: WorkOrder, task: Task, progress) -> Evaluation:
+        """The evaluation of ``task``; ``progress(amount)`` after each batch (its share of the task's weight)."""
+        ev, key = self.ev, order.runs[task.run]
+        batches = ev.packs[task.pack]
+        mine = {r for b in batches for r in b.refs if (ev.cases[r.case].name, r.start) in order.keep}
+        per_pass = passes(ev, key)
+        evaluation = ev.run(key["attack"], key["eps"], batches=batches, keep=mine,
+                            on_batch=lambda b: progress(b.x.numel() * per_pass))
+        if evaluation.examples and self.save_examples is not None:
+            self.save_examples(ev, key, evaluation, batches)
+        return evaluation
+
+
+def compute_share(world: World, work, order: WorkOrder, shards: ShardStore) -> int:
+    """Compute this rank's tasks (``work.compute(order, task, progress) -> Evaluation``: :class:`SampleWork`,
+    or the case scope's :class:`~.case_scope.CaseWork`), each finished unit written at once; returns how many
+    units. Raises :class:`UnitFailure` naming the unit on any error, :class:`Stopped` when another rank
+    failed."""
     stop_at, written = fail_after(world.rank), 0
     for task in order.share(world.rank):
         key = order.runs[task.run]
         try:
             if stop_at is not None and written >= stop_at:
                 raise RuntimeError(f"injected failure after {written} units ({FAIL_AFTER_VAR}={world.rank}:{stop_at})")
-            written += _compute_task(world, ev, order, shards, task, save_examples)
+            written += _compute_task(world, work, order, shards, task)
         except (Stopped, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - any error of a unit stops the job, naming it
@@ -196,19 +217,13 @@ def compute_share(world: World, ev: Evaluator, order: WorkOrder, shards: ShardSt
     return written
 
 
-def _compute_task(world: World, ev: Evaluator, order: WorkOrder, shards: ShardStore, task: Task,
-                  save_examples) -> int:
-    key, batches = order.runs[task.run], ev.packs[task.pack]
-    mine = {r for b in batches for r in b.refs if (ev.cases[r.case].name, r.start) in order.keep}
-    per_pass = passes(ev, key)
-
-    def on_batch(b):
-        world.count(f"{order.model}/work", b.x.numel() * per_pass)
+def _compute_task(world: World, work, order: WorkOrder, shards: ShardStore, task: Task) -> int:
+    def progress(amount: int) -> None:
+        world.count(f"{order.model}/work", int(amount))
         world.check_stop()
 
-    evaluation = ev.run(key["attack"], key["eps"], batches=batches, keep=mine, on_batch=on_batch)
-    if evaluation.examples and save_examples is not None:
-        save_examples(ev, key, evaluation, batches)
+    key = order.runs[task.run]
+    evaluation = work.compute(order, task, progress)
     meta = {"rank": world.rank, "world_size": world.size, "job": order.job}
     parts = split_cases(evaluation)
     for name in task.units:
@@ -247,7 +262,7 @@ class Progress:
     finished, elapsed and expected time. A no-op when ``enabled`` is False.
 
     >>> with Progress(world, order):
-    ...     compute_share(world, ev, order, shards)
+    ...     compute_share(world, SampleWork(ev), order, shards)
     """
 
     def __init__(self, world: World, order: WorkOrder, enabled: bool = True):
@@ -289,11 +304,12 @@ class Progress:
             self.bar.close()
 
 
-def lead(world: World, ev: Evaluator, order: WorkOrder, shards: ShardStore, progress: bool, save_examples) -> None:
-    """Rank 0: publish ``order``, compute its own share under the one progress bar, wait for every rank."""
+def lead(world: World, work, order: WorkOrder, shards: ShardStore, progress: bool) -> None:
+    """Rank 0: publish ``order``, compute its own share (``work``, as :func:`compute_share`) under the one
+    progress bar, wait for every rank."""
     world.publish(f"{order.model}/order", order)
     with Progress(world, order, progress):
-        compute_share(world, ev, order, shards, save_examples)
+        compute_share(world, work, order, shards)
         world.count(f"{order.model}/done", 1)
         world.wait_count(f"{order.model}/done", world.size)
 
@@ -305,11 +321,10 @@ def skip(world: World, model: str) -> None:
     world.wait_count(f"{model}/done", world.size)
 
 
-def follow(world: World, model: str, load, shards: ShardStore, save_examples) -> None:
-    """Ranks > 0: wait for rank 0's order for ``model``, compute this rank's share (``load(order)``: the
-    Evaluator over the cases of the share), say done."""
+def follow(world: World, model: str, load, shards: ShardStore) -> None:
+    """Ranks > 0: wait for rank 0's order for ``model``, compute this rank's share (``load(order)``: the work
+    over the cases of the share, as :func:`compute_share` takes it), say done."""
     order = world.receive(f"{model}/order")
     if order is not None and order.share(world.rank):
-        ev = load(order)
-        compute_share(world, ev, order, shards, save_examples)
+        compute_share(world, load(order), order, shards)
     world.count(f"{model}/done", 1)

@@ -116,16 +116,16 @@ def _evaluator(cases, packs=None):
 def _rank0(world, out):
     ev = _evaluator(_cases())
     order = units.plan_work(world, ev, "tiny", RUNS, INPUTS, ShardStore(out))
-    units.lead(world, ev, order, ShardStore(out), progress=False, save_examples=None)
+    units.lead(world, units.SampleWork(ev), order, ShardStore(out), progress=False)
     return order, units.merge_runs(order, ShardStore(out), SETTINGS.convention)
 
 
 def _follower(world, out):
     def load(order):
         cases = [c for c in _cases() if c.name in order.cases_of(world.rank)]
-        return _evaluator(cases, units.share_packs(cases, 2, (32, 32), order, world.rank))
+        return units.SampleWork(_evaluator(cases, units.share_packs(cases, 2, (32, 32), order, world.rank)))
 
-    units.follow(world, "tiny", load, ShardStore(out), None)
+    units.follow(world, "tiny", load, ShardStore(out))
 
 
 def _job(out, size: int) -> list:
@@ -324,23 +324,29 @@ def _shard_records(out: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.slow
-def test_the_case_scope_in_a_two_process_job_is_rank_0s_and_gives_the_numbers_of_one(env, tmp_path):
-    """``--scope case`` under torchrun: rank 0 computes the whole-case runs (it says so), the other rank
-    waits and the job ends; the rows are those of one process."""
+def test_the_case_scope_shared_over_two_processes_gives_the_numbers_of_one(env, tmp_path):
+    """``--scope case`` under torchrun: the whole cases of each run are shared out (one unit per case) and
+    the per-case results, rows and case-scope checks are those of one process (each case's random start
+    has its own seed)."""
     args = ["-d", str(TINY_ID), "-c", "2d", "-f", "0", "-tr", EVAL_TRAINER, "-i", str(env.raw / "imagesTs"),
             "-l", str(env.raw / "labelsTs"), "--eps", "40", "--attacks", "pgd", "--pgd-steps", "2", "--scope",
-            "case", "--no-sanity", "--device", "cpu", "--quiet"]
-    rc, _, stderr = _main([*args, "-o", str(tmp_path / "one")])
+            "case", "--device", "cpu", "--quiet"]
+    rc, stdout, stderr = _main([*args, "-o", str(tmp_path / "one")])
     assert rc == 0, stderr
+    assert f"{EVAL_TRAINER} (case scope): 4 of 4 units to compute in this process" in stdout  # 2 cases x 2 runs
     run = _spawn(env, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        "-m", "nnunet_ima_eval", *args, "-o", str(tmp_path / "two")])
     assert run.returncode == 0, run.stderr[-3000:]
-    assert f"{EVAL_TRAINER}: the case scope runs in this process (rank 0 of 2; not shared out)" in run.stdout
+    assert f"{EVAL_TRAINER} (case scope): 4 of 4 units to compute on 2 processes" in run.stdout
     # a case-only run names nnU-Net's per-case rule, not the sample scope's ADI convention
     assert "Case scope: whole cases" in run.stdout and "ADI convention:" not in run.stdout
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
-    plain = (lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "source")} for r in rows])
+    plain = (lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
     assert {r["scope"] for r in two["rows"]} == {"case"} and plain(one["rows"]) == plain(two["rows"])
+    assert one["per_case"] == two["per_case"] and one["checks"] == two["checks"]
+    ranks = {rec["rank"] for r in two["runs"] for rec in r["units"].values()}
+    assert ranks == {0, 1}  # both processes computed cases
+    assert not (tmp_path / "two" / "shards").exists()
 
 
 def test_a_killed_rank_stops_the_job_with_one_line_and_one_process_computes_only_the_rest(
