@@ -233,8 +233,8 @@ def check_eps_scale(plan: Plan, ev: Evaluator) -> None:
 
 def evaluate_model(plan: Plan, tr: str) -> dict:
     """Counts of every run of model ``tr`` in each scope ({row key: Counts}) and its sanity checks in the
-    store; computes only what cannot be reused. Ranks > 0 compute their share of rank 0's work order for
-    the sample scope and return {}."""
+    store; computes only what cannot be reused. Ranks > 0 compute their share of rank 0's work orders (one
+    per scope) and return {}."""
     world = plan.world
     if not world.is_main:  # rank 0 publishes one order per model for the sample scope, one for the case scope
         units.follow(world, tr, lambda order: load_share(plan, tr, order), plan.shards)
