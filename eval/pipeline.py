@@ -302,8 +302,7 @@ def compute_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: dict, f
                             reuse=not plan.args.overwrite, keep=keep)
     print(order.describe(plan.world.size))
     lead_and_merge(plan, tr, units.SampleWork(ev, _save_examples(plan)), order, inputs, found,
-                   ev.model.class_names, lambda e: _say(ev, e, plan.settings.convention),
-                   lambda k: _examples_folder(plan, tr, k))
+                   ev.model.class_names, lambda e: _say(ev, e, plan.settings.convention))
 
 
 def compute_case_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: dict, found: dict):
@@ -319,15 +318,15 @@ def compute_case_runs(plan: Plan, ev: Evaluator, tr: str, todo: list, inputs: di
                                   keep=choose_cases(cev, plan.args.save_examples))
     print(order.describe(plan.world.size))
     lead_and_merge(plan, tr, case_scope.CaseWork(cev, _save_case_examples(plan, tr)), order, inputs, found,
-                   ev.model.class_names, lambda e: say(cev, e), lambda k: _case_examples_folder(plan, tr, k))
+                   ev.model.class_names, lambda e: say(cev, e))
     return cev
 
 
 def lead_and_merge(plan: Plan, tr: str, work, order: units.WorkOrder, inputs: dict, found: dict, classes: dict,
-                   say, examples_folder) -> None:
+                   say) -> None:
     """Compute ``order`` over the job (rank 0's share through ``work``), then merge each run and keep it
     (:func:`keep_result`, with its budget measure, the units' record and, when examples are kept, their
-    folder ``examples_folder(key)``), printing it through ``say(evaluation)``; after Ctrl-C the runs whose
+    folder, :func:`_examples_folder`), printing it through ``say(evaluation)``; after Ctrl-C the runs whose
     units are all there are kept first."""
     def merge(complete_only: bool) -> None:
         for k, evaluation, record in units.merge_runs(order, plan.shards, plan.settings.convention,
@@ -337,7 +336,8 @@ def lead_and_merge(plan: Plan, tr: str, work, order: units.WorkOrder, inputs: di
                 extra["budget"] = budget_measure(evaluation)
                 say(evaluation)
                 if order.keep:
-                    extra["examples"] = {"n": plan.args.save_examples, "folder": examples_folder(k).as_posix()}
+                    folder = _examples_folder(plan, tr, k).as_posix()
+                    extra["examples"] = {"n": plan.args.save_examples, "folder": folder}
             keep_result(plan, tr, k, inputs, evaluation, extra, found)
             plan.shards.clear(k, inputs)  # results.json holds it now
 
@@ -356,25 +356,21 @@ def _say(ev: Evaluator, evaluation: Evaluation, convention: str) -> None:
 
 
 def _examples_folder(plan: Plan, tr: str, key: dict) -> Path:
-    """examples/<model>/<attack>_eps<eps>, relative to -o."""
-    return Path("examples") / folder_name(identity(common_key(plan, tr))) / f"{key['attack']}_eps{key['eps']:g}"
-
-
-def _case_examples_folder(plan: Plan, tr: str, key: dict) -> Path:
-    """examples/<model>/case/<attack>_eps<eps>, relative to -o."""
-    return Path("examples") / folder_name(identity(common_key(plan, tr))) / "case" / f"{key['attack']}_eps{key['eps']:g}"
+    """examples/<model>/<attack>_eps<eps> (the case scope's under examples/<model>/case/), relative to -o."""
+    model = Path("examples") / folder_name(identity(common_key(plan, tr)))
+    return (model / "case" if key["scope"] == CASE else model) / f"{key['attack']}_eps{key['eps']:g}"
 
 
 def _save_case_examples(plan: Plan, tr: str):
     """``save(cev, key, evaluation, index)``: one kept case of a case-scope run, with its clean prediction
-    beside (predicted again: one pass of nnU-Net's predictor), to :func:`_case_examples_folder`."""
+    beside (predicted again: one pass of nnU-Net's predictor), to :func:`_examples_folder`."""
     from .case_examples import save_case_examples
 
     def save(cev, key: dict, evaluation: Evaluation, index: int) -> None:
         if key["attack"] == CLEAN:
             return
         clean = cev.run(CLEAN, 0.0, cases=[index], keep={index})
-        save_case_examples(plan.out / _case_examples_folder(plan, tr, key), cev, evaluation, clean)
+        save_case_examples(plan.out / _examples_folder(plan, tr, key), cev, evaluation, clean)
 
     return save
 

@@ -131,8 +131,6 @@ def raw_2d(tmp_path_factory):
     return images, labels
 
 
-
-
 @pytest.fixture(scope="module")
 def env2d(tiny_trained_2d):
     with nnunet_env_of(tiny_trained_2d) as tiny:
